@@ -1,0 +1,82 @@
+"""Database URLs as people write them, turned into the drivers we ship.
+
+Users paste URLs from ``airflow.cfg`` (``postgres://``, ``mysql://``, ``postgresql+psycopg2://``)
+or from Heroku-style environments; we always talk through psycopg 3 and PyMySQL, so the
+driver part is replaced rather than trusted.
+"""
+from __future__ import annotations
+
+import os
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+from .errors import EtlError, UsageError
+
+_DRIVERS = {
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mysql+pymysql",
+    "sqlite": "sqlite",
+}
+
+
+def normalize(url: str | URL) -> URL:
+    """Return ``url`` with its driver replaced by ours; raise ``UsageError`` if it is no database URL."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except Exception as exc:  # sqlalchemy raises ArgumentError with a long text
+        raise UsageError(f"not a database URL: {_redact(str(url))}") from exc
+    backend = parsed.drivername.split("+", 1)[0]
+    if backend not in _DRIVERS:
+        raise UsageError(f"unsupported database {backend!r} in {_redact(str(url))}: use postgresql://, mysql:// or sqlite:///")
+    parsed = parsed.set(drivername=_DRIVERS[backend])
+    if backend in ("mysql", "mariadb") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return parsed
+
+
+def is_database_url(text: str) -> bool:
+    """Tell a database URL from a staging destination (``s3://`` or a folder)."""
+    return "://" in text and text.split("://", 1)[0].split("+", 1)[0] in _DRIVERS
+
+
+def redacted(url: str | URL) -> str:
+    """The URL with its password hidden, for messages and reports."""
+    return normalize(url).render_as_string(hide_password=True)
+
+
+def _redact(text: str) -> str:
+    try:
+        return make_url(text).render_as_string(hide_password=True)
+    except Exception:
+        return text.split("@", 1)[-1]
+
+
+def open_engine(url: str | URL, *, create: bool = False) -> sa.Engine:
+    """Connect once so that a wrong URL fails here, in one line, not deep inside a job.
+
+    SQLite would silently create a missing file; a source or an existing target must exist,
+    so only callers that create databases (``sample``, a fresh SQLite target) pass ``create``.
+    """
+    parsed = normalize(url)
+    if parsed.get_backend_name() == "sqlite" and not create:
+        path = parsed.database
+        if path and path != ":memory:" and not os.path.exists(path):
+            raise EtlError(f"SQLite database {path} does not exist")
+    eng = sa.create_engine(parsed, pool_pre_ping=True)
+    try:
+        with eng.connect():
+            pass
+    except sa.exc.DBAPIError as exc:
+        eng.dispose()
+        raise EtlError(f"cannot connect to {parsed.render_as_string(hide_password=True)}: {first_line(exc.orig)}") from exc
+    return eng
+
+
+def first_line(exc: BaseException) -> str:
+    """Drivers put hints and context on later lines; people need the first."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
