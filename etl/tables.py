@@ -17,6 +17,7 @@ HISTORY = (
     "variable",
     "connection",
     "dag",
+    "log_template",  # old runs find their log files through the template they ran with
     "job",
     "trigger",
     "dataset",
@@ -69,7 +70,6 @@ SKIPPED_REASONS = {
     "dag_warning": "recomputed by the DAG processor",
     "import_error": "recomputed by the DAG processor",
     "parse_import_error": "recomputed by the DAG processor",
-    "log_template": "written by each Airflow release at db migrate",
     "callback_request": "transient queue",
     "dataset_dag_run_queue": "transient queue",
     "asset_dag_run_queue": "transient queue",

@@ -65,7 +65,7 @@ def open_engine(url: str | URL, *, create: bool = False) -> sa.Engine:
         path = parsed.database
         if path and path != ":memory:" and not os.path.exists(path):
             raise EtlError(f"SQLite database {path} does not exist")
-    eng = sa.create_engine(parsed, pool_pre_ping=True)
+    eng = sa.create_engine(parsed, pool_pre_ping=True, **_utc_session(parsed))
     try:
         with eng.connect():
             pass
@@ -73,6 +73,19 @@ def open_engine(url: str | URL, *, create: bool = False) -> sa.Engine:
         eng.dispose()
         raise EtlError(f"cannot connect to {parsed.render_as_string(hide_password=True)}: {first_line(exc.orig)}") from exc
     return eng
+
+
+def _utc_session(url: URL) -> dict:
+    """Every timestamp we read or write is UTC; MySQL's TIMESTAMP converts through the session zone.
+
+    Airflow itself pins its sessions to UTC the same way, so values round-trip unchanged.
+    """
+    backend = url.get_backend_name()
+    if backend == "postgresql":
+        return {"connect_args": {"options": "-c timezone=UTC"}}
+    if backend == "mysql":
+        return {"connect_args": {"init_command": "SET time_zone = '+00:00'"}}
+    return {}
 
 
 def first_line(exc: BaseException) -> str:

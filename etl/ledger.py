@@ -1,0 +1,118 @@
+"""The engine's own bookkeeping in the target: which chunks and which source rows are loaded.
+
+Rows that have only a surrogate id (log, job, task_fail, task_reschedule, trigger, events)
+cannot be recognised by their content, so the target keeps, per source, the map from each
+source id to the id the target gave it. That map is the row-level ledger: a source row whose
+id is in it is already loaded, whatever chunking or filters the earlier run used. It is
+written in the chunk's own transaction, like Alembic's version row, so a crash leaves either
+the chunk and its ledger rows or neither. The map also rewrites references (xcom.dag_run_id,
+task_instance.job_id, ...) to the target's ids.
+
+``_etl_chunk`` records each loaded chunk (source, table, sha256) so that a re-run skips whole
+chunks without reading the target, and so that people can audit what came from where.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import sqlalchemy as sa
+
+META = sa.MetaData()
+
+CHUNKS = sa.Table(
+    "_etl_chunk",
+    META,
+    sa.Column("source", sa.String(32), primary_key=True),
+    sa.Column("table_name", sa.String(100), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("chunk", sa.String(200), nullable=False),
+    sa.Column("rows_in", sa.Integer, nullable=False),
+    sa.Column("rows_written", sa.Integer, nullable=False),
+    sa.Column("loaded_at", sa.DateTime, nullable=False),
+)
+
+ID_MAP = sa.Table(
+    "_etl_id_map",
+    META,
+    sa.Column("source", sa.String(32), primary_key=True),
+    sa.Column("table_name", sa.String(100), primary_key=True),
+    sa.Column("source_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("target_id", sa.BigInteger, nullable=False),
+)
+
+
+def ensure(engine: sa.Engine) -> None:
+    """Create the ledger tables; Airflow ignores tables it does not know."""
+    META.create_all(engine, checkfirst=True)
+
+
+def chunk_loaded(conn: sa.Connection, source: str, table: str, sha256: str) -> bool:
+    q = sa.select(CHUNKS.c.rows_in).where(CHUNKS.c.source == source, CHUNKS.c.table_name == table, CHUNKS.c.sha256 == sha256)
+    return conn.execute(q).first() is not None
+
+
+def record_chunk(conn: sa.Connection, source: str, table: str, sha256: str, chunk: str, rows_in: int, written: int) -> None:
+    conn.execute(CHUNKS.insert().values(source=source, table_name=table, sha256=sha256, chunk=chunk[:200],
+                                        rows_in=rows_in, rows_written=written,
+                                        loaded_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
+
+
+class IdMap:
+    """source id -> target id for one table, held as two sorted int64 arrays (about 16 bytes a row)."""
+
+    def __init__(self, source_ids: np.ndarray | None = None, target_ids: np.ndarray | None = None):
+        self.src = np.empty(0, np.int64) if source_ids is None else source_ids
+        self.dst = np.empty(0, np.int64) if target_ids is None else target_ids
+        self._sort()
+
+    @classmethod
+    def read(cls, conn: sa.Connection, source: str, table: str) -> IdMap:
+        rows = conn.execute(sa.select(ID_MAP.c.source_id, ID_MAP.c.target_id)
+                            .where(ID_MAP.c.source == source, ID_MAP.c.table_name == table)).all()
+        if not rows:
+            return cls()
+        arr = np.array(rows, dtype=np.int64)
+        return cls(arr[:, 0].copy(), arr[:, 1].copy())
+
+    def _sort(self) -> None:
+        order = np.argsort(self.src, kind="stable")
+        self.src, self.dst = self.src[order], self.dst[order]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, target ids) for ``ids``; target ids are 0 where not found."""
+        if len(self.src) == 0:
+            return np.zeros(len(ids), bool), np.zeros(len(ids), np.int64)
+        pos = np.searchsorted(self.src, ids)
+        pos_c = np.minimum(pos, len(self.src) - 1)
+        found = self.src[pos_c] == ids
+        return found, np.where(found, self.dst[pos_c], 0)
+
+    def extend(self, source_ids: np.ndarray, target_ids: np.ndarray) -> None:
+        self.src = np.concatenate([self.src, source_ids.astype(np.int64)])
+        self.dst = np.concatenate([self.dst, target_ids.astype(np.int64)])
+        self._sort()
+
+
+class IdMaps:
+    """The id maps of every re-numbered table for one source, read from the target when first needed.
+
+    Only tables we load can have one; a reference to anything else (dag_version, backfill) has
+    no source id worth keeping.
+    """
+
+    def __init__(self, engine: sa.Engine, source: str, loadable: set[str]):
+        self.engine, self.source, self.loadable = engine, source, loadable
+        self.maps: dict[str, IdMap] = {}
+
+    def knows(self, table: str) -> bool:
+        return table in self.loadable
+
+    def get(self, table: str) -> IdMap:
+        if table not in self.maps:
+            with self.engine.connect() as conn:
+                self.maps[table] = IdMap.read(conn, self.source, table)
+        return self.maps[table]

@@ -1,0 +1,306 @@
+"""Loading target-shaped Arrow batches into one target table, exactly once, ids owned by the target.
+
+A chunk is one transaction: references are rewritten to the target's ids, rows the target
+already has are recognised (by natural key, or through the id map for rows that have only a
+surrogate id), new surrogate ids are reserved from the target, the rows are written, and the
+id map and chunk ledger rows go in before the commit. A crash therefore leaves whole chunks,
+and a re-run writes nothing twice.
+
+Dialects differ only in how rows reach the server (COPY, multi-row INSERT, executemany) and
+how ids are reserved; those live in ``postgresql.py``, ``mysql.py`` and ``sqlite.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import sqlalchemy as sa
+
+from .. import ledger
+from ..errors import EtlError
+
+#: Natural keys that no constraint declares, or where a table has several unique keys.
+NATURAL_KEYS = {
+    "dag_run": ("dag_id", "run_id"),
+    "log_template": ("filename", "elasticsearch_id"),
+    "dataset": ("uri",),
+    "asset": ("name", "uri"),
+    "asset_alias": ("name",),
+    "dataset_alias": ("name",),
+}
+
+#: References that carry no foreign key in Airflow's schema but point at rows we re-number.
+SOFT_REFERENCES = {
+    "task_instance": {"job_id": "job", "queued_by_job_id": "job"},
+    "task_instance_history": {"job_id": "job", "queued_by_job_id": "job"},
+    "dag_run": {"creating_job_id": "job"},
+    "trigger": {"triggerer_id": "job"},
+}
+
+Quarantine = Callable[[str, pa.RecordBatch, str], None]
+
+
+@dataclasses.dataclass
+class Ref:
+    column: str
+    table: str
+    nullable: bool
+
+
+@dataclasses.dataclass
+class TargetTable:
+    """What the loader needs to know of a reflected target table."""
+
+    table: sa.Table
+    natural_key: tuple[str, ...] | None
+    surrogate: str | None  # "int" (target-assigned id), "uuid" (kept unless the target has the row) or None
+    refs: list[Ref]
+
+    @property
+    def name(self) -> str:
+        return self.table.name
+
+
+def describe(table: sa.Table, inspector: sa.Inspector) -> TargetTable:
+    pk = tuple(c.name for c in table.primary_key.columns)
+    uniques = [tuple(u["column_names"]) for u in inspector.get_unique_constraints(table.name)]
+    uniques += [tuple(i["column_names"]) for i in inspector.get_indexes(table.name) if i.get("unique")]
+    uniques = [u for u in uniques if u and None not in u]
+    surrogate = None
+    if pk == ("id",):
+        surrogate = "int" if isinstance(table.c.id.type, sa.Integer) else "uuid"
+    key = NATURAL_KEYS.get(table.name)
+    if key is None:
+        if surrogate is None and pk:
+            key = pk
+        elif uniques:
+            key = next((u for u in uniques if "run_id" in u), uniques[0])
+    refs = []
+    for fk in table.foreign_keys:
+        if fk.column.name == "id" and fk.parent.name != "id":
+            refs.append(Ref(fk.parent.name, fk.column.table.name, fk.parent.nullable))
+    for col, target in SOFT_REFERENCES.get(table.name, {}).items():
+        if col in table.c and all(r.column != col for r in refs):
+            refs.append(Ref(col, target, table.c[col].nullable))
+    return TargetTable(table, key, surrogate, refs)
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    rows_in: int = 0
+    inserted: int = 0
+    updated: int = 0
+    existing: int = 0
+    quarantined: int = 0
+    skipped_chunk: bool = False
+
+
+class Dialect:
+    """How rows reach one kind of server. Subclasses register themselves by dialect name."""
+
+    name: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type[Dialect]]] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        Dialect.registry[cls.name] = cls
+
+    def insert(self, conn: sa.Connection, table: sa.Table, batch: pa.RecordBatch) -> int:
+        """Plain insert; a unique violation raises ``IntegrityError``."""
+        raise NotImplementedError
+
+    def upsert(self, conn: sa.Connection, table: sa.Table, batch: pa.RecordBatch, key: tuple[str, ...], update: bool) -> int:
+        """Insert, leaving (``update`` False) or overwriting rows whose key exists; returns rows written."""
+        raise NotImplementedError
+
+    def reserve_ids(self, conn: sa.Connection, table: sa.Table, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def repair_sequence(self, conn: sa.Connection, table: sa.Table) -> None:
+        """Move the id generator past max(id), so the next scheduler insert cannot collide."""
+
+    def lookup(self, conn: sa.Connection, table: sa.Table, key: tuple[str, ...], batch: pa.RecordBatch) -> dict:
+        """Target ids of the rows whose natural key is in ``batch``: {key tuple: id}."""
+        keys = list(zip(*(batch.column(k).to_pylist() for k in key)))
+        found: dict = {}
+        cols = [table.c[k] for k in key]
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            cond = sa.tuple_(*cols).in_(part) if len(cols) > 1 else cols[0].in_([p[0] for p in part])
+            for row in conn.execute(sa.select(table.c.id, *cols).where(cond)):
+                found[tuple(_norm(v) for v in row[1:])] = row[0]
+        return found
+
+
+def _norm(v):
+    """Datetimes come back naive from some drivers; keys compare in UTC."""
+    import datetime as dt
+
+    if isinstance(v, dt.datetime) and v.tzinfo is None:
+        return v.replace(tzinfo=dt.timezone.utc)
+    return v
+
+
+class TableLoader:
+    """Loads the chunks of one table for one source into one target."""
+
+    def __init__(self, engine: sa.Engine, dialect: Dialect, target: TargetTable, source: str, update: bool,
+                 id_maps: ledger.IdMaps, uuid_maps: dict[str, dict[str, str]], quarantine: Quarantine):
+        self.engine, self.dialect, self.t, self.source, self.update = engine, dialect, target, source, update
+        self.id_maps, self.quarantine = id_maps, quarantine
+        self.uuid_maps = uuid_maps
+        if target.surrogate == "uuid":
+            # Pairs where the target already had the row under another UUID; dependents follow them.
+            self.uuid_map = uuid_maps.setdefault(target.name, {})
+        with engine.begin() as conn:
+            if target.surrogate == "int":
+                # A target whose sequence lags behind max(id) would hand out ids that exist.
+                dialect.repair_sequence(conn, target.table)
+            count = conn.execute(sa.select(sa.func.count()).select_from(target.table)).scalar_one()
+            ours = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(ledger.CHUNKS.c.rows_written), 0))
+                                .where(ledger.CHUNKS.c.table_name == target.name)).scalar_one()
+        # Every row in the table came through our ledger: a plain bulk insert cannot conflict
+        # except with a re-chunked earlier run, which the IntegrityError fallback handles.
+        self.clean = count <= ours and not update
+
+    def load(self, batch: pa.RecordBatch, sha256: str, chunk: str) -> ChunkResult:
+        result = ChunkResult(rows_in=batch.num_rows)
+        with self.engine.begin() as conn:
+            if ledger.chunk_loaded(conn, self.source, self.t.name, sha256):
+                result.skipped_chunk = True
+                result.existing = batch.num_rows
+                return result
+            batch = self._resolve(batch, result)
+            if self.t.surrogate == "int":
+                self._load_int(conn, batch, result)
+            elif self.t.surrogate == "uuid":
+                self._load_uuid(conn, batch, result)
+            else:
+                self._load_keyed(conn, batch, result)
+            ledger.record_chunk(conn, self.source, self.t.name, sha256, chunk, batch.num_rows, result.inserted)
+        return result
+
+    # -- references -------------------------------------------------------------------------
+    def _resolve(self, batch: pa.RecordBatch, result: ChunkResult) -> pa.RecordBatch:
+        for ref in self.t.refs:
+            if ref.column not in batch.schema.names:
+                continue
+            col = batch.column(ref.column)
+            if self.id_maps.knows(ref.table):
+                ids = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+                found, target = self.id_maps.get(ref.table).lookup(ids)
+                present = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False))
+                missing = present & ~found
+                new = pa.array(target, pa.int64()).cast(batch.schema.field(ref.column).type)
+                mask = pa.array(~found)
+                batch = _set(batch, ref.column, pc.if_else(mask, pa.nulls(len(new), new.type), new))
+                if missing.any():
+                    batch = self._missing(batch, ref, missing, result)
+            elif ref.table in self.uuid_maps:
+                remap = self.uuid_maps[ref.table]
+                if remap:
+                    batch = _set(batch, ref.column, pa.array([remap.get(v, v) for v in col.to_pylist()], col.type))
+            elif ref.nullable:
+                # The referenced table is rebuilt by the target (dag_version, backfill, ...): no id to keep.
+                batch = _set(batch, ref.column, pa.nulls(batch.num_rows, col.type))
+        return batch
+
+    def _missing(self, batch: pa.RecordBatch, ref: Ref, missing: np.ndarray, result: ChunkResult) -> pa.RecordBatch:
+        """A reference to a row that was not loaded: NULL where Airflow allows it, else quarantine."""
+        if ref.nullable:
+            return batch
+        bad = pa.array(missing)
+        self.quarantine(self.t.name, batch.filter(bad), f"{ref.column} refers to a {ref.table} row that was not loaded")
+        result.quarantined += int(missing.sum())
+        return batch.filter(pc.invert(bad))
+
+    # -- the three kinds of table -------------------------------------------------------------
+    def _load_keyed(self, conn: sa.Connection, batch: pa.RecordBatch, result: ChunkResult) -> None:
+        if batch.num_rows == 0:
+            return
+        if self.clean:
+            try:
+                with conn.begin_nested():
+                    result.inserted += self.dialect.insert(conn, self.t.table, batch)
+                return
+            except sa.exc.IntegrityError:
+                self.clean = False
+        written = self.dialect.upsert(conn, self.t.table, batch, self.t.natural_key, self.update)
+        if self.update:
+            result.updated += written
+        else:
+            result.inserted += written
+            result.existing += batch.num_rows - written
+
+    def _load_int(self, conn: sa.Connection, batch: pa.RecordBatch, result: ChunkResult) -> None:
+        idmap = self.id_maps.get(self.t.name)
+        src = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
+        done, _ = idmap.lookup(src)
+        if done.any():
+            result.existing += int(done.sum())
+            batch, src = batch.filter(pa.array(~done)), src[~done]
+        if batch.num_rows == 0:
+            return
+        new_src, new_dst = [], []
+        if self.t.natural_key and not self.clean:
+            found = self.dialect.lookup(conn, self.t.table, self.t.natural_key, batch)
+            if found:
+                keys = list(zip(*(batch.column(k).to_pylist() for k in self.t.natural_key)))
+                hit = np.array([tuple(_norm(v) for v in k) in found for k in keys])
+                existing_ids = np.array([found.get(tuple(_norm(v) for v in k), 0) for k in keys], np.int64)
+                new_src.append(src[hit])
+                new_dst.append(existing_ids[hit])
+                if self.update and hit.any():
+                    upd = _set(batch.filter(pa.array(hit)), "id", pa.array(existing_ids[hit]))
+                    result.updated += self.dialect.upsert(conn, self.t.table, upd, ("id",), True)
+                else:
+                    result.existing += int(hit.sum())
+                batch, src = batch.filter(pa.array(~hit)), src[~hit]
+        if batch.num_rows:
+            ids = self.dialect.reserve_ids(conn, self.t.table, batch.num_rows)
+            batch = _set(batch, "id", pa.array(ids).cast(batch.schema.field("id").type))
+            result.inserted += self.dialect.insert(conn, self.t.table, batch)
+            new_src.append(src)
+            new_dst.append(ids)
+        if new_src:
+            s, d = np.concatenate(new_src), np.concatenate(new_dst)
+            self.dialect.insert(conn, ledger.ID_MAP, pa.record_batch({
+                "source": pa.array([self.source] * len(s)), "table_name": pa.array([self.t.name] * len(s)),
+                "source_id": pa.array(s, pa.int64()), "target_id": pa.array(d, pa.int64())}))
+            idmap.extend(s, d)
+
+    def _load_uuid(self, conn: sa.Connection, batch: pa.RecordBatch, result: ChunkResult) -> None:
+        if batch.num_rows == 0:
+            return
+        if not self.clean and self.t.natural_key:
+            found = self.dialect.lookup(conn, self.t.table, self.t.natural_key, batch)
+            if found:
+                keys = list(zip(*(batch.column(k).to_pylist() for k in self.t.natural_key)))
+                ours = batch.column("id").to_pylist()
+                hit = np.zeros(len(keys), bool)
+                for i, k in enumerate(keys):
+                    tid = found.get(tuple(_norm(v) for v in k))
+                    if tid is not None:
+                        hit[i] = True
+                        if str(tid) != str(ours[i]):
+                            self.uuid_map[str(ours[i])] = str(tid)
+                result.existing += int(hit.sum())
+                batch = batch.filter(pa.array(~hit))
+        self._load_keyed(conn, batch, result)
+
+
+def _set(batch: pa.RecordBatch, name: str, values: pa.Array) -> pa.RecordBatch:
+    i = batch.schema.get_field_index(name)
+    return batch.set_column(i, batch.schema.field(i).with_type(values.type), values)
+
+
+def dialect_for(engine: sa.Engine) -> Dialect:
+    from . import mysql, postgresql, sqlite  # noqa: F401 - each registers itself
+
+    try:
+        return Dialect.registry[engine.dialect.name]()
+    except KeyError:
+        raise EtlError(f"cannot load into {engine.dialect.name}: PostgreSQL, MySQL/MariaDB and SQLite are supported") from None

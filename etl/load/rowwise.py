@@ -1,0 +1,48 @@
+"""Shared by the dialects without a COPY: rows go as parameter sets of one multi-row statement.
+
+Neither MySQL's rowcount (SQLAlchemy asks for FOUND_ROWS, so an unchanged duplicate still
+counts) nor a do-nothing upsert tells which rows were new, so the keys the target already
+has are looked up first; that keeps the report exact.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import sqlalchemy as sa
+
+BATCH = 2000
+
+
+def rows(batch: pa.RecordBatch) -> list[dict]:
+    return batch.to_pylist()
+
+
+def existing_keys(conn: sa.Connection, table: sa.Table, key: tuple[str, ...], batch: pa.RecordBatch) -> set:
+    from .base import _norm
+
+    cols = [table.c[k] for k in key]
+    keys = list(zip(*(batch.column(k).to_pylist() for k in key)))
+    found = set()
+    for i in range(0, len(keys), 500):
+        part = keys[i:i + 500]
+        cond = sa.tuple_(*cols).in_(part) if len(cols) > 1 else cols[0].in_([p[0] for p in part])
+        found.update(tuple(_norm(v) for v in r) for r in conn.execute(sa.select(*cols).where(cond)))
+    return found
+
+
+def split_existing(conn, table, key, batch) -> tuple[pa.RecordBatch, int]:
+    """The rows whose key the target lacks, and how many it has."""
+    from .base import _norm
+
+    have = existing_keys(conn, table, key, batch)
+    if not have:
+        return batch, 0
+    keys = zip(*(batch.column(k).to_pylist() for k in key))
+    mask = pa.array([tuple(_norm(v) for v in k) not in have for k in keys])
+    new = batch.filter(mask)
+    return new, batch.num_rows - new.num_rows
+
+
+def execute(conn: sa.Connection, stmt, batch: pa.RecordBatch) -> None:
+    data = rows(batch)
+    for i in range(0, len(data), BATCH):
+        conn.execute(stmt, data[i:i + BATCH])
