@@ -47,6 +47,11 @@ def ensure(engine: sa.Engine) -> None:
     META.create_all(engine, checkfirst=True)
 
 
+def present(conn: sa.Connection) -> bool:
+    """A dry run never creates the ledger, so a target we never loaded may not have it."""
+    return sa.inspect(conn).has_table(CHUNKS.name)
+
+
 def chunk_loaded(conn: sa.Connection, source: str, table: str, sha256: str) -> bool:
     q = sa.select(CHUNKS.c.rows_in).where(CHUNKS.c.source == source, CHUNKS.c.table_name == table, CHUNKS.c.sha256 == sha256)
     return conn.execute(q).first() is not None
@@ -68,6 +73,8 @@ class IdMap:
 
     @classmethod
     def read(cls, conn: sa.Connection, source: str, table: str) -> IdMap:
+        if not present(conn):
+            return cls()
         rows = conn.execute(sa.select(ID_MAP.c.source_id, ID_MAP.c.target_id)
                             .where(ID_MAP.c.source == source, ID_MAP.c.table_name == table)).all()
         if not rows:

@@ -148,28 +148,32 @@ class TableLoader:
     """Loads the chunks of one table for one source into one target."""
 
     def __init__(self, engine: sa.Engine, dialect: Dialect, target: TargetTable, source: str, update: bool,
-                 id_maps: ledger.IdMaps, uuid_maps: dict[str, dict[str, str]], quarantine: Quarantine):
+                 id_maps: ledger.IdMaps, uuid_maps: dict[str, dict[str, str]], quarantine: Quarantine,
+                 dry_run: bool = False):
         self.engine, self.dialect, self.t, self.source, self.update = engine, dialect, target, source, update
-        self.id_maps, self.quarantine = id_maps, quarantine
+        self.id_maps, self.quarantine, self.dry_run = id_maps, quarantine, dry_run
         self.uuid_maps = uuid_maps
         if target.surrogate == "uuid":
             # Pairs where the target already had the row under another UUID; dependents follow them.
             self.uuid_map = uuid_maps.setdefault(target.name, {})
+        self._fake_id = 0
         with engine.begin() as conn:
-            if target.surrogate == "int":
+            if target.surrogate == "int" and not dry_run:
                 # A target whose sequence lags behind max(id) would hand out ids that exist.
                 dialect.repair_sequence(conn, target.table)
-            count = conn.execute(sa.select(sa.func.count()).select_from(target.table)).scalar_one()
-            ours = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(ledger.CHUNKS.c.rows_written), 0))
-                                .where(ledger.CHUNKS.c.table_name == target.name)).scalar_one()
+            self.count_at_start = conn.execute(sa.select(sa.func.count()).select_from(target.table)).scalar_one()
+            ours = 0
+            if ledger.present(conn):
+                ours = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(ledger.CHUNKS.c.rows_written), 0))
+                                    .where(ledger.CHUNKS.c.table_name == target.name)).scalar_one()
         # Every row in the table came through our ledger: a plain bulk insert cannot conflict
         # except with a re-chunked earlier run, which the IntegrityError fallback handles.
-        self.clean = count <= ours and not update
+        self.clean = self.count_at_start <= ours and not update
 
     def load(self, batch: pa.RecordBatch, sha256: str, chunk: str) -> ChunkResult:
         result = ChunkResult(rows_in=batch.num_rows)
-        with self.engine.begin() as conn:
-            if ledger.chunk_loaded(conn, self.source, self.t.name, sha256):
+        with self.engine.connect() if self.dry_run else self.engine.begin() as conn:
+            if ledger.present(conn) and ledger.chunk_loaded(conn, self.source, self.t.name, sha256):
                 result.skipped_chunk = True
                 result.existing = batch.num_rows
                 return result
@@ -180,7 +184,8 @@ class TableLoader:
                 self._load_uuid(conn, batch, result)
             else:
                 self._load_keyed(conn, batch, result)
-            ledger.record_chunk(conn, self.source, self.t.name, sha256, chunk, batch.num_rows, result.inserted)
+            if not self.dry_run:
+                ledger.record_chunk(conn, self.source, self.t.name, sha256, chunk, batch.num_rows, result.inserted)
         return result
 
     # -- references -------------------------------------------------------------------------
@@ -221,6 +226,15 @@ class TableLoader:
     def _load_keyed(self, conn: sa.Connection, batch: pa.RecordBatch, result: ChunkResult) -> None:
         if batch.num_rows == 0:
             return
+        if self.dry_run:
+            new = batch if not self.count_at_start or not self.t.natural_key else _without_existing(conn, self.t, batch)
+            result.inserted += new.num_rows
+            existing = batch.num_rows - new.num_rows
+            if self.update:
+                result.updated += existing
+            else:
+                result.existing += existing
+            return
         if self.clean:
             try:
                 with conn.begin_nested():
@@ -253,19 +267,29 @@ class TableLoader:
                 existing_ids = np.array([found.get(tuple(_norm(v) for v in k), 0) for k in keys], np.int64)
                 new_src.append(src[hit])
                 new_dst.append(existing_ids[hit])
-                if self.update and hit.any():
+                if self.update and hit.any() and self.dry_run:
+                    result.updated += int(hit.sum())
+                elif self.update and hit.any():
                     upd = _set(batch.filter(pa.array(hit)), "id", pa.array(existing_ids[hit]))
                     result.updated += self.dialect.upsert(conn, self.t.table, upd, ("id",), True)
                 else:
                     result.existing += int(hit.sum())
                 batch, src = batch.filter(pa.array(~hit)), src[~hit]
         if batch.num_rows:
-            ids = self.dialect.reserve_ids(conn, self.t.table, batch.num_rows)
-            batch = _set(batch, "id", pa.array(ids).cast(batch.schema.field("id").type))
-            result.inserted += self.dialect.insert(conn, self.t.table, batch)
+            if self.dry_run:
+                # Stand-in ids, so that dependants of would-be-inserted rows resolve in the dry run.
+                ids = -np.arange(self._fake_id + 1, self._fake_id + 1 + batch.num_rows, dtype=np.int64)
+                self._fake_id += batch.num_rows
+            else:
+                ids = self.dialect.reserve_ids(conn, self.t.table, batch.num_rows)
+                batch = _set(batch, "id", pa.array(ids).cast(batch.schema.field("id").type))
+                self.dialect.insert(conn, self.t.table, batch)
+            result.inserted += batch.num_rows
             new_src.append(src)
             new_dst.append(ids)
-        if new_src:
+        if new_src and self.dry_run:
+            idmap.extend(np.concatenate(new_src), np.concatenate(new_dst))
+        elif new_src:
             s, d = np.concatenate(new_src), np.concatenate(new_dst)
             self.dialect.insert(conn, ledger.ID_MAP, pa.record_batch({
                 "source": pa.array([self.source] * len(s)), "table_name": pa.array([self.t.name] * len(s)),
@@ -290,6 +314,12 @@ class TableLoader:
                 result.existing += int(hit.sum())
                 batch = batch.filter(pa.array(~hit))
         self._load_keyed(conn, batch, result)
+
+
+def _without_existing(conn: sa.Connection, t: TargetTable, batch: pa.RecordBatch) -> pa.RecordBatch:
+    from .rowwise import split_existing
+
+    return split_existing(conn, t.table, t.natural_key, batch)[0]
 
 
 def _set(batch: pa.RecordBatch, name: str, values: pa.Array) -> pa.RecordBatch:

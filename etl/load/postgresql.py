@@ -6,6 +6,7 @@ lets the conflict handling stay one set-based statement built by SQLAlchemy's di
 from __future__ import annotations
 
 import numpy as np
+import psycopg
 import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -30,7 +31,7 @@ class PostgreSQL(Dialect):
             stmt = stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in rest})
         else:
             stmt = stmt.on_conflict_do_nothing()
-        return conn.execute(stmt).rowcount
+        return conn.execute(stmt.execution_options(preserve_rowcount=True)).rowcount
 
     def reserve_ids(self, conn, table, n):
         seq = sa.func.pg_get_serial_sequence(_qualified(conn, table), "id")
@@ -61,8 +62,13 @@ class PostgreSQL(Dialect):
         prep = conn.dialect.identifier_preparer
         cols = ", ".join(prep.quote(c) for c in batch.schema.names)
         raw = conn.connection.dbapi_connection
-        with raw.cursor() as cur, cur.copy(f"COPY {target} ({cols}) FROM STDIN (FORMAT csv)") as copy:
-            copy.write(to_csv(batch))
+        statement = f"COPY {target} ({cols}) FROM STDIN (FORMAT csv)"
+        try:
+            with raw.cursor() as cur, cur.copy(statement) as copy:
+                copy.write(to_csv(batch))
+        except psycopg.Error as exc:
+            # Raised past SQLAlchemy, so wrap it the way SQLAlchemy would (IntegrityError and friends).
+            raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
 
 
 def _qualified(conn: sa.Connection, table: sa.Table) -> str:
