@@ -1,0 +1,183 @@
+"""Real Airflow releases in cached virtualenvs: the source of truth for schemas and the mapper's oracle.
+
+Airflow's constraint files are not reachable here, so each release's dependencies are capped
+at a date shortly after the release (uv's ``--exclude-newer``); where a frozen package set
+that is known to work is at hand (``../shared/airflow-freeze``), it is installed instead,
+which is both faster and reproducible. Old releases need old Pythons, taken from pyenv.
+This is developer and test tooling: the engine itself never imports Airflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import EtlError
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    version: str
+    python: str  # pyenv version
+    cap: str | None  # uv --exclude-newer date
+    extra: tuple[str, ...] = ()
+
+    @property
+    def init_args(self) -> list[str]:
+        """The command that builds an empty database: ``initdb`` until 2.0, ``db init`` until 2.7."""
+        if self.version.startswith("1."):
+            return ["initdb"]
+        major, minor = (int(p) for p in self.version.split(".")[:2])
+        return ["db", "init"] if (major, minor) < (2, 7) else ["db", "migrate"]
+
+    @property
+    def migrate_args(self) -> list[str]:
+        if self.version.startswith("1."):
+            return ["upgradedb"]
+        major, minor = (int(p) for p in self.version.split(".")[:2])
+        return ["db", "upgrade"] if (major, minor) < (2, 7) else ["db", "migrate"]
+
+
+_PG2 = ("psycopg2-binary",)
+_PG3X = ("psycopg2-binary", "asyncpg")
+RELEASES = {r.version: r for r in (
+    Release("1.10.15", "3.8.18", "2021-03-24", _PG2 + ("sqlalchemy==1.3.23",)),
+    Release("2.0.2", "3.8.18", "2021-04-26", _PG2),
+    Release("2.1.4", "3.8.18", "2021-09-20", _PG2),
+    Release("2.2.5", "3.9.18", "2022-04-11", _PG2),
+    Release("2.3.4", "3.9.18", "2022-08-30", _PG2),
+    Release("2.4.3", "3.10.13", "2022-11-20", _PG2),
+    Release("2.5.3", "3.10.13", "2023-04-05", _PG2),
+    Release("2.6.3", "3.10.13", "2023-07-15", _PG2),
+    Release("2.7.3", "3.11.7", "2023-11-13", _PG2),
+    Release("2.8.4", "3.11.7", "2024-04-15", _PG2),
+    Release("2.9.3", "3.11.7", "2024-07-23", _PG2),
+    Release("2.10.5", "3.11.7", "2025-02-17", _PG2),
+    Release("2.11.2", "3.11.7", None, _PG2),
+    Release("3.0.6", "3.11.7", "2025-09-05", _PG3X),
+    Release("3.1.8", "3.11.7", "2026-03-18", _PG3X),
+    Release("3.2.2", "3.11.7", None, _PG3X),
+    Release("3.3.2", "3.11.7", None, _PG3X),
+)}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ETL_AIRFLOW_VENVS", Path.home() / ".cache" / "airflow-metadata-etl" / "airflow"))
+
+
+def _freeze(version: str) -> Path | None:
+    here = Path(__file__).resolve().parent.parent
+    for base in (here.parent / "shared" / "airflow-freeze", Path(os.environ.get("ETL_AIRFLOW_FREEZE", "/nonexistent"))):
+        f = base / f"af-{version}.txt"
+        if f.exists():
+            return f
+    return None
+
+
+def _uv() -> Path:
+    found = shutil.which("uv")
+    if found:
+        return Path(found)
+    tool = cache_dir() / "_uv"
+    uv = tool / "bin" / "uv"
+    if not uv.exists():
+        tmp = Path(tempfile.mkdtemp(prefix="_uv-", dir=cache_dir()))
+        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
+        subprocess.run([str(tmp / "bin" / "pip"), "install", "-q", "uv"], check=True)
+        try:
+            tmp.rename(tool)  # atomic, so parallel first uses do not see a half-installed uv
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return uv
+
+
+def ensure_venv(version: str) -> Path:
+    """The venv of ``version``, installed on first use; reused while it imports that release."""
+    if version not in RELEASES:
+        raise EtlError(f"no recipe to install Airflow {version}; known: {', '.join(RELEASES)}")
+    rel = RELEASES[version]
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    venv = cache_dir() / version
+    py = venv / "bin" / "python"
+    if py.exists() and _installed(py) == version:
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    python = Path.home() / ".pyenv" / "versions" / rel.python / "bin" / "python3"
+    uv = _uv()
+    subprocess.run([str(uv), "venv", "-q", "-p", str(python), str(venv)], check=True)
+    freeze = _freeze(version)
+    cmd = [str(uv), "pip", "install", "-q", "-p", str(py)]
+    if freeze:
+        # mysqlclient compiles against libmariadb headers; the oracle runs on PostgreSQL only.
+        reqs = venv / "requirements.txt"
+        reqs.write_text("".join(line for line in freeze.read_text().splitlines(True) if not line.startswith("mysqlclient")))
+        cmd += ["-r", str(reqs)] + [e for e in rel.extra if not e.startswith("sqlalchemy")]
+    else:
+        cmd += [f"apache-airflow=={version}", *rel.extra]
+    if rel.cap:
+        # Also caps the build environments: old sdists (flask-openid) need the setuptools of their day.
+        cmd += ["--exclude-newer", rel.cap]
+    subprocess.run(cmd, check=True)
+    if _installed(py) != version:
+        raise EtlError(f"Airflow {version} did not install into {venv}")
+    return venv
+
+
+def _installed(py: Path) -> str | None:
+    out = subprocess.run([str(py), "-c", "from importlib.metadata import version; print(version('apache-airflow'))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def psycopg2_url(url: str) -> str:
+    """Airflow's own driver: our URLs name psycopg 3, every Airflow release speaks psycopg2."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    driver = {"postgresql": "postgresql+psycopg2", "mysql": "mysql+mysqldb", "sqlite": "sqlite"}[backend]
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def run_airflow(version: str, args: list[str], db_url: str, env: dict | None = None, timeout: int = 1800) -> str:
+    """Run the release's CLI against ``db_url`` with a throw-away AIRFLOW_HOME; returns stdout."""
+    venv = ensure_venv(version)
+    conn = psycopg2_url(db_url)
+    with tempfile.TemporaryDirectory(prefix="airflow-home-") as home:
+        full_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+            "AIRFLOW_HOME": home,
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__SQL_ALCHEMY_CONN": conn,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": conn,
+            "AIRFLOW__CORE__DAGS_FOLDER": str(Path(home) / "dags"),
+            "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}",
+            **(env or {}),
+        }
+        out = subprocess.run([str(venv / "bin" / "airflow"), *args], env=full_env, capture_output=True, text=True,
+                             timeout=timeout)
+    if out.returncode:
+        tail = (out.stderr.strip() or out.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise EtlError(f"airflow {version} {' '.join(args)} failed: {tail[0]}")
+    return out.stdout
+
+
+def init_db(version: str, db_url: str) -> None:
+    run_airflow(version, RELEASES[version].init_args, db_url)
+
+
+def migrate_db(version: str, db_url: str) -> None:
+    run_airflow(version, RELEASES[version].migrate_args, db_url)
+
+
+def migrations_dir(version: str) -> Path:
+    """Where the release keeps its Alembic revisions (airflow-core's package in 3.x)."""
+    venv = ensure_venv(version)
+    out = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "import airflow, os; print(os.path.join(os.path.dirname(airflow.__file__), 'migrations', 'versions'))"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
