@@ -13,19 +13,19 @@ class MySQL(Dialect):
     name = "mysql"
 
     def insert(self, conn, table, batch):
-        rowwise.execute(conn, table.insert(), batch)
+        rowwise.execute(conn, rowwise.plain(table).insert(), batch)
         return batch.num_rows
 
     def upsert(self, conn, table, batch, key, update):
         new, existing = rowwise.split_existing(conn, table, key, batch)
-        stmt = mysql_insert(table)
+        stmt = mysql_insert(rowwise.plain(table))
         rest = [c for c in batch.schema.names if c not in key]
         if update and rest:
             stmt = stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in rest})
             rowwise.execute(conn, stmt, batch)
             return batch.num_rows
         # A no-op assignment: the row stays as the target has it, even if it appeared meanwhile.
-        stmt = stmt.on_duplicate_key_update({key[0]: table.c[key[0]]})
+        stmt = stmt.on_duplicate_key_update({key[0]: stmt.table.c[key[0]]})
         rowwise.execute(conn, stmt, new)
         return new.num_rows
 

@@ -42,6 +42,13 @@ def split_existing(conn, table, key, batch) -> tuple[pa.RecordBatch, int]:
     return new, batch.num_rows - new.num_rows
 
 
+def plain(table: sa.Table) -> sa.TableClause:
+    """The table with JSON columns typed as text: batches carry JSON as text already, and
+    SQLAlchemy's JSON type would encode that text a second time."""
+    cols = [sa.column(c.name, sa.Text() if isinstance(c.type, sa.JSON) else c.type) for c in table.c]
+    return sa.table(table.name, *cols)
+
+
 def execute(conn: sa.Connection, stmt, batch: pa.RecordBatch) -> None:
     data = rows(batch)
     for i in range(0, len(data), BATCH):

@@ -13,11 +13,11 @@ class SQLite(Dialect):
     name = "sqlite"
 
     def insert(self, conn, table, batch):
-        rowwise.execute(conn, table.insert(), batch)
+        rowwise.execute(conn, rowwise.plain(table).insert(), batch)
         return batch.num_rows
 
     def upsert(self, conn, table, batch, key, update):
-        stmt = sqlite_insert(table)
+        stmt = sqlite_insert(rowwise.plain(table))
         rest = [c for c in batch.schema.names if c not in key]
         if update and rest:
             stmt = stmt.on_conflict_do_update(index_elements=list(key), set_={c: stmt.excluded[c] for c in rest})
