@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        import warnings
+
+        import sqlalchemy as sa
+
+        # Reflection chatter about SQLite's PRAGMA view of named foreign keys; the keys are there.
+        warnings.filterwarnings("ignore", category=sa.exc.SAWarning)
     from . import commands  # after parsing, so that --help stays fast
 
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}

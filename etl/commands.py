@@ -5,10 +5,16 @@ so every option a person has on the command line is a keyword argument here.
 """
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import io
+from typing import Iterator
+
+import pyarrow as pa
 import sqlalchemy as sa
 
 from . import tables, urls
-from .errors import EtlError
+from .errors import EtlError, UsageError
 from .report import Report
 
 
@@ -42,7 +48,16 @@ def plan(source_version: str, target_version: str, progress: bool = False) -> Re
     from . import transform
 
     report = Report("plan")
-    report.info.update(transform.plan(source_version, target_version))
+    plan = transform.plan(source_version, target_version)
+    report.info.update(plan)
+    report.notes.append("chain: " + (", ".join(plan["chain"]) or "none (same version: rows pass unchanged)"))
+    for step in plan["steps"]:
+        report.notes.append(f"{step['version']}: {step['summary']} (Airflow revisions {', '.join(step['airflow_revisions'])})")
+        report.notes.extend(f"  {table}: {rule}" for table, rule in step["tables"].items())
+        report.notes.extend(f"  {old} becomes {new}" for old, new in step["renames"].items())
+    for table, change in plan["column_changes"].items():
+        parts = [f"+{c}" for c in change["added"]] + [f"-{c}" for c in change["removed"]]
+        report.notes.append(f"columns of {table}: {' '.join(parts)}")
     return report.finish()
 
 
@@ -63,17 +78,248 @@ def sample(airflow_version: str, target: str, dag_runs: int = 50, seed: int = 0,
     return report.finish()
 
 
-def export(source: str, dest: str, **options) -> Report:
-    raise EtlError("export is not built yet")
+
+# -- sources ------------------------------------------------------------------------------------
+
+def _fingerprint(engine: sa.Engine) -> str:
+    """Names a source database across runs (not its password), so the target's ledger recognises it."""
+    url = engine.url
+    where = url.database if url.get_backend_name() != "sqlite" else __import__("os").path.abspath(url.database or "")
+    return hashlib.sha256(f"{url.get_backend_name()}|{url.host}|{url.port}|{where}".encode()).hexdigest()[:16]
 
 
-def import_(dest: str, target: str, **options) -> Report:
-    raise EtlError("import is not built yet")
+def _since(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since {text!r} is not an ISO 8601 date") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
-def migrate(source: str, target: str, **options) -> Report:
-    raise EtlError("migrate is not built yet")
+def _batch_sha(batch: pa.RecordBatch) -> str:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
 
 
-def diff(source: str, target: str, **options) -> Report:
-    raise EtlError("diff is not built yet")
+class DatabaseSource:
+    """A source database read table by table through the extractor."""
+
+    def __init__(self, url: str, version: str | None, names: tuple | None, exclude: tuple, since: str | None,
+                 dag_ids, chunk_rows: int):
+        from . import versions
+        from .extract import Filters
+
+        self.engine = urls.open_engine(url)
+        self.url = url
+        self.version, self.revision = versions.detect_version(self.engine, override=version)
+        self.fingerprint = _fingerprint(self.engine)
+        self.names = tables.select(sa.inspect(self.engine).get_table_names(), names, exclude)
+        self.filters = Filters(_since(since), tuple(dag_ids or ()))
+        self.chunk_rows = chunk_rows
+
+    def tables(self) -> list[str]:
+        return list(self.names)
+
+    def reader(self, table: str):
+        from .extract import TableReader
+
+        return TableReader(self.engine, self.version, table, self.filters, self.chunk_rows)
+
+    def chunks(self, table: str):
+        from .pipeline import Chunk
+
+        for i, chunk in enumerate(self.reader(table).chunks()):
+            yield Chunk(chunk.batch, _batch_sha(chunk.batch), f"{table}#{i}")
+
+    def batches(self, table: str) -> Iterator[pa.RecordBatch]:
+        if table in self.names or sa.inspect(self.engine).has_table(table):
+            for chunk in self.reader(table).chunks():
+                yield chunk.batch
+
+
+class PackageSource:
+    """A finished export read back for import."""
+
+    def __init__(self, dest: str, endpoint: str | None, names: tuple | None, exclude: tuple):
+        from .staging import Package, Store
+
+        self.store = Store(dest, endpoint)
+        self.package = Package(self.store)
+        self.version = self.package.version
+        self.fingerprint = self.package.manifest["identity"]["source_fingerprint"]
+        self.names = tables.select(self.package.tables(), names, exclude)
+
+    def tables(self) -> list[str]:
+        return list(self.names)
+
+    def chunks(self, table: str):
+        from .pipeline import Chunk
+
+        for batch, sha, name in self.package.chunks(table):
+            yield Chunk(batch, sha, name)
+
+    def batches(self, table: str) -> Iterator[pa.RecordBatch]:
+        if table in self.package.tables():
+            for batch, _, _ in self.package.chunks(table):
+                yield batch
+
+
+def _open_source(source: str, version, names, exclude, since, dag_ids, chunk_rows, endpoint):
+    if urls.is_database_url(source):
+        return DatabaseSource(source, version, names, exclude, since, dag_ids, chunk_rows)
+    if since or dag_ids:
+        raise UsageError("--since and --dag-id filter an export; an import takes the export as it is")
+    return PackageSource(source, endpoint, names, exclude)
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+def export(source: str, dest: str, tables: tuple | None = None, exclude_tables: tuple = (), since: str | None = None,
+           dag_ids=None, chunk_rows: int = 50_000, s3_endpoint_url: str | None = None, source_version: str | None = None,
+           progress: bool = False) -> Report:
+    """Stream the source's history into Parquet chunks and a manifest at ``dest``; resumable."""
+    from .progress import Progress
+    from .staging import PackageWriter, Store
+
+    src = DatabaseSource(source, source_version, tables, exclude_tables, since, dag_ids, chunk_rows)
+    report = Report("export")
+    report.info.update({"source": urls.redacted(source), "dest": dest, "airflow_version": src.version,
+                        "alembic_revision": src.revision})
+    identity = {"source": urls.redacted(source), "source_fingerprint": src.fingerprint, "airflow_version": src.version,
+                "alembic_revision": src.revision, "filters": src.filters.to_dict(), "tables": src.names, "chunk_rows": chunk_rows}
+    writer = PackageWriter(Store(dest, s3_endpoint_url), identity)
+    if not writer.open():
+        report.notes.append(f"{dest} already holds this complete export; nothing to do")
+        return report.finish()
+    bar = Progress(progress)
+    try:
+        _export_tables(src, writer, report, bar)
+    finally:
+        bar.finish()
+        src.engine.dispose()
+    writer.commit({"source_dialect": src.engine.dialect.name, "airflow_version": src.version,
+                   "alembic_revision": src.revision, "filters": src.filters.to_dict()})
+    return report.finish()
+
+
+def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
+    from .extract import from_jsonable
+
+    for name in src.names:
+        state = writer.table_state(name)
+        reader = src.reader(name)
+        if not state["done"]:
+            if reader.key is None and state["chunks"]:
+                state = {"chunks": [], "last_key": None, "done": False}  # no key to resume after: start the table again
+            bar.start(name, reader.count() if bar.enabled else None)
+            after = [from_jsonable(v) for v in state["last_key"]] if state["last_key"] else None
+            for chunk in reader.chunks(after=after):
+                writer.write_chunk(name, state, chunk.batch, chunk.last_key)
+                bar.advance(name, chunk.batch.num_rows)
+            writer.finish_table(name, state, reader.schema)
+        else:
+            writer.finish_table(name, state, reader.schema)
+        t = report.table(name)
+        t.add("rows", sum(c["rows"] for c in state["chunks"]))
+        t.add("chunks", len(state["chunks"]))
+        t.add("bytes", sum(c.get("bytes", 0) for c in state["chunks"]))
+
+
+def import_(dest: str, target: str, tables: tuple | None = None, exclude_tables: tuple = (), since: str | None = None,
+            dag_ids=None, chunk_rows: int = 50_000, s3_endpoint_url: str | None = None, target_version: str | None = None,
+            on_conflict: str = "skip", source_fernet_key: str | None = None, target_fernet_key: str | None = None,
+            force: bool = False, progress: bool = False) -> Report:
+    """Load an export into ``target``: verified first, then mapped and upserted chunk by chunk."""
+    src = _open_source(dest, None, tables, exclude_tables, since, dag_ids, chunk_rows, s3_endpoint_url)
+    src.package.verify()
+    from .staging import QuarantineWriter
+
+    report = Report("import")
+    report.info.update({"from": dest, "target": urls.redacted(target), "source_airflow_version": src.version})
+    _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
+          QuarantineWriter(src.store), report, dry_run=False)
+    return report.finish()
+
+
+def migrate(source: str, target: str, via: str | None = None, tables: tuple | None = None, exclude_tables: tuple = (),
+            since: str | None = None, dag_ids=None, chunk_rows: int = 50_000, s3_endpoint_url: str | None = None,
+            source_version: str | None = None, target_version: str | None = None, on_conflict: str = "skip",
+            source_fernet_key: str | None = None, target_fernet_key: str | None = None, force: bool = False,
+            progress: bool = False) -> Report:
+    """Source to target with no staging files; ``via`` also keeps the staged Parquet copy."""
+    from .staging import QuarantineWriter, Store
+
+    src = DatabaseSource(source, source_version, tables, exclude_tables, since, dag_ids, chunk_rows)
+    report = Report("migrate")
+    report.info.update({"source": urls.redacted(source), "target": urls.redacted(target), "source_airflow_version": src.version})
+    quarantine_store = Store(via or "etl-quarantine", s3_endpoint_url)
+    try:
+        if via:
+            report.table("(staged)")
+            export(source, via, tables=tables, exclude_tables=exclude_tables, since=since, dag_ids=dag_ids,
+                   chunk_rows=chunk_rows, s3_endpoint_url=s3_endpoint_url, source_version=source_version)
+            del report.tables["(staged)"]
+            report.info["via"] = via
+            staged = PackageSource(via, s3_endpoint_url, tables, exclude_tables)
+            staged.fingerprint = src.fingerprint
+            _load(staged, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
+                  QuarantineWriter(quarantine_store), report, dry_run=False)
+        else:
+            _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
+                  QuarantineWriter(quarantine_store), report, dry_run=False)
+    finally:
+        src.engine.dispose()
+    return report.finish()
+
+
+def diff(source: str, target: str, tables: tuple | None = None, exclude_tables: tuple = (), since: str | None = None,
+         dag_ids=None, chunk_rows: int = 50_000, s3_endpoint_url: str | None = None, source_version: str | None = None,
+         target_version: str | None = None, on_conflict: str = "skip", source_fernet_key: str | None = None,
+         target_fernet_key: str | None = None, progress: bool = False) -> Report:
+    """What a migrate would do, table by table, writing nothing; exit code 3 when not in sync."""
+    from .staging import QuarantineWriter
+
+    src = _open_source(source, source_version, tables, exclude_tables, since, dag_ids, chunk_rows, s3_endpoint_url)
+    report = Report("diff")
+    report.info.update({"source": urls.redacted(source) if urls.is_database_url(source) else source,
+                        "target": urls.redacted(target), "source_airflow_version": src.version})
+    _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, True, progress,
+          QuarantineWriter(None), report, dry_run=True)
+    pending = sum(t.counts.get("insert", 0) + t.counts.get("update", 0) for t in report.tables.values())
+    report.info["in_sync"] = pending == 0
+    report.info["exit_code"] = 0 if pending == 0 else 3
+    return report.finish()
+
+
+def _load(src, target_url: str, target_version, on_conflict, source_key, target_key, force, progress, quarantine,
+          report: Report, dry_run: bool) -> None:
+    from . import pipeline
+    from .load.target import Target
+    from .progress import Progress
+    from .secrets import Rekeyer
+    from .transform import Mapper
+
+    rekeyer = Rekeyer(source_key, target_key)
+    target = Target(target_url, source_key=src.fingerprint, version=target_version, create=bool(target_version),
+                    update=on_conflict == "update", force=force, dry_run=dry_run, quarantine=quarantine)
+    try:
+        report.info["target_airflow_version"] = target.version
+        mapper = Mapper(src.version, target.version, quarantine, read_source=src.batches)
+        bar = Progress(progress)
+        try:
+            pipeline.run(src, target, mapper, rekeyer, report, bar, dry_run=dry_run)
+        finally:
+            bar.finish()
+        for (table, reason), n in sorted(quarantine.counts.items()):
+            report.table(table).add("quarantined", n)
+            report.notes.append(f"quarantined {n} {table} rows: {reason}")
+        for table, cols in sorted(mapper.removed.items()):
+            report.notes.append(f"{table}: columns not in Airflow {target.version}, not loaded: {', '.join(sorted(cols))}")
+        if not rekeyer.active and not dry_run:
+            report.notes.append("no Fernet keys given: encrypted values were copied as they are; the target must use the source's Fernet key")
+    finally:
+        target.dispose()

@@ -36,15 +36,19 @@ class Source(Protocol):
     def chunks(self, table: str) -> Iterator[Chunk]: ...
 
 
-def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report, progress=None) -> None:
+def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report, progress=None, dry_run: bool = False) -> None:
     """Load every table of ``source`` into ``target``; each chunk commits on its own."""
     names = sorted(source.tables(), key=tables.load_rank)
     for name in ("variable", "connection"):
         if name in names and rekeyer.active:
             for chunk in source.chunks(name):
                 rekeyer.check(name, chunk.batch)
+    target.prepare()
+    keys = _DRY if dry_run else _REAL
+    matched: dict[str, int] = {}
     for name in names:
         loaders = {}
+        report.table(name).add("source", 0)
         for chunk in source.chunks(name):
             report.table(name).add("source", chunk.batch.num_rows)
             for out_name, out in mapper.map(name, chunk.batch):
@@ -60,15 +64,22 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
                     raise
                 except Exception as exc:
                     raise EtlError(f"{out_name}, chunk {chunk.name}: {_first_line(exc)}") from exc
-                out_report.add("inserted", result.inserted)
-                out_report.add("existing", result.existing)
-                if result.updated:
-                    out_report.add("updated", result.updated)
+                out_report.add(keys["inserted"], result.inserted)
+                out_report.add(keys["existing"], result.existing)
+                out_report.add(keys["updated"], result.updated)
                 if result.quarantined:
                     out_report.add("quarantined", result.quarantined)
+                matched[out_name] = matched.get(out_name, 0) + result.existing + result.updated
                 if progress:
                     progress.advance(out_name, out.num_rows)
+        for out_name, loader in loaders.items():
+            if dry_run:
+                report.table(out_name).add("only_in_target", max(loader.count_at_start - matched.get(out_name, 0), 0))
     target.finish()
+
+
+_REAL = {"inserted": "inserted", "existing": "existing", "updated": "updated"}
+_DRY = {"inserted": "insert", "existing": "in_target", "updated": "update"}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -67,7 +67,8 @@ class Report:
         return "\n".join(lines)
 
 
-_ORDER = ["rows", "source", "mapped", "quarantined", "in_target", "insert", "update", "only_in_target", "written", "skipped"]
+_ORDER = ["rows", "chunks", "bytes", "source", "quarantined", "not_in_target", "inserted", "existing", "updated",
+          "in_target", "insert", "update", "only_in_target"]
 
 
 def _column_order(name: str) -> tuple[int, str]:

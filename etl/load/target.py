@@ -32,8 +32,7 @@ class Target:
         self.version, self.revision = versions.detect_version(self.engine, override=version)
         if not force and not dry_run:
             self._refuse_live_scheduler()
-        if not dry_run:
-            ledger.ensure(self.engine)
+        self.dry_run = dry_run
         self.dialect = dialect_for(self.engine)
         self.source_key, self.update, self.quarantine = source_key, update, quarantine
         self.inspector = sa.inspect(self.engine)
@@ -60,7 +59,16 @@ class Target:
     def loader(self, name: str) -> TableLoader:
         self.touched.add(name)
         return TableLoader(self.engine, self.dialect, self.describe(name), self.source_key, self.update,
-                           self.id_maps, self.uuid_maps, self.quarantine)
+                           self.id_maps, self.uuid_maps, self.quarantine, dry_run=self.dry_run)
+
+    def prepare(self) -> None:
+        """The ledger tables, created only once every check has passed and writing begins."""
+        if not self.dry_run:
+            ledger.ensure(self.engine)
+
+    def count(self, name: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(self.describe(name).table)).scalar_one()
 
     def conform(self, name: str, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Keep the columns the target table has; a required column the batch lacks is an error now."""
@@ -74,6 +82,8 @@ class Target:
 
     def finish(self) -> None:
         """Move every id generator the load touched past max(id)."""
+        if self.dry_run:
+            return
         with self.engine.begin() as conn:
             for name in sorted(self.touched):
                 if self._surrogate(name) == "int":
