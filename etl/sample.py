@@ -211,10 +211,10 @@ class History:
                         "executor_class": "LocalExecutor", "hostname": "worker-1", "unixname": "airflow"})
         if state == "success" and (t % 2 == 0 or mi >= 0):
             add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "return_value", t))
-            if t == 0 and n % 10 == 0:
-                add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "big", "x" * 100_000))
-                add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "unicode", "naïve ☃ 🚀 中文"))
-                add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "empty", ""))
+        if t == 1 and n % 10 == 0:
+            add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "big", "x" * 100_000))
+            add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "unicode", "naïve ☃ 🚀 中文"))
+            add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "empty", ""))
         if t % 2 == 0 and started:
             add("log", {"id": self.next_id("log"), "dttm": ti["end_date"], "dag_id": run["dag_id"], "task_id": ti["task_id"],
                         "map_index": mi, "event": state or "", "execution_date": logical, "logical_date": logical,
