@@ -9,6 +9,7 @@ This is developer and test tooling: the engine itself never imports Airflow.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shutil
 import subprocess
@@ -42,6 +43,10 @@ class Release:
         return ["db", "upgrade"] if (major, minor) < (2, 7) else ["db", "migrate"]
 
 
+# Newest patch of each minor. Every row was measured (2026-11): it installs from PyPI with only its
+# cap, without the freeze files, and its init command builds exactly the catalog's schema. Caps (none
+# for the newest) sit weeks after the release; 1.10.15 needs the SQLAlchemy 1.3 pin: its `~=1.3` admits 1.4.2,
+# under which `initdb` dies (no module sqlalchemy.ext.declarative.clsregistry).
 _PG2 = ("psycopg2-binary",)
 _PG3X = ("psycopg2-binary", "asyncpg")
 RELEASES = {r.version: r for r in (
@@ -70,6 +75,8 @@ def cache_dir() -> Path:
 
 
 def _freeze(version: str) -> Path | None:
+    """A package set known to work (``af-<version>.txt``): the shared folder beside the checkout, or
+    ``$ETL_AIRFLOW_FREEZE``. Optional: without it the release resolves under its date cap."""
     here = Path(__file__).resolve().parent.parent
     for base in (here.parent / "shared" / "airflow-freeze", Path(os.environ.get("ETL_AIRFLOW_FREEZE", "/nonexistent"))):
         f = base / f"af-{version}.txt"
@@ -96,20 +103,30 @@ def _uv() -> Path:
 
 
 def ensure_venv(version: str) -> Path:
-    """The venv of ``version``, installed on first use; reused while it imports that release."""
+    """The venv of ``version``, installed on first use; reused while it imports that release.
+
+    A lock per release: parallel test workers and the snapshot script share the cache, and a
+    second installer would delete the venv under the first one's feet.
+    """
     if version not in RELEASES:
         raise EtlError(f"no recipe to install Airflow {version}; known: {', '.join(RELEASES)}")
-    rel = RELEASES[version]
     cache_dir().mkdir(parents=True, exist_ok=True)
     venv = cache_dir() / version
-    py = venv / "bin" / "python"
-    if py.exists() and _installed(py) == version:
-        return venv
+    with open(cache_dir() / f".{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not ((venv / "bin" / "python").exists() and _installed(venv / "bin" / "python") == version):
+            _install(RELEASES[version], venv)
+    return venv
+
+
+def _install(rel: Release, venv: Path) -> None:
+    python = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions" / rel.python / "bin" / "python3"
+    if not python.exists():
+        raise EtlError(f"Airflow {rel.version} needs Python {rel.python}: {python} is missing (pyenv install {rel.python})")
     shutil.rmtree(venv, ignore_errors=True)
-    python = Path.home() / ".pyenv" / "versions" / rel.python / "bin" / "python3"
-    uv = _uv()
+    uv, py = _uv(), venv / "bin" / "python"
     subprocess.run([str(uv), "venv", "-q", "-p", str(python), str(venv)], check=True)
-    freeze = _freeze(version)
+    freeze = _freeze(rel.version)
     cmd = [str(uv), "pip", "install", "-q", "-p", str(py)]
     if freeze:
         # mysqlclient compiles against libmariadb headers; the oracle runs on PostgreSQL only.
@@ -117,14 +134,13 @@ def ensure_venv(version: str) -> Path:
         reqs.write_text("".join(line for line in freeze.read_text().splitlines(True) if not line.startswith("mysqlclient")))
         cmd += ["-r", str(reqs)] + [e for e in rel.extra if not e.startswith("sqlalchemy")]
     else:
-        cmd += [f"apache-airflow=={version}", *rel.extra]
+        cmd += [f"apache-airflow=={rel.version}", *rel.extra]
     if rel.cap:
         # Also caps the build environments: old sdists (flask-openid) need the setuptools of their day.
         cmd += ["--exclude-newer", rel.cap]
     subprocess.run(cmd, check=True)
-    if _installed(py) != version:
-        raise EtlError(f"Airflow {version} did not install into {venv}")
-    return venv
+    if _installed(py) != rel.version:
+        raise EtlError(f"Airflow {rel.version} did not install into {venv}")
 
 
 def _installed(py: Path) -> str | None:

@@ -216,7 +216,7 @@ def _default(text: str | None, dialect: str):
         return sa.text("CURRENT_TIMESTAMP")
     if lowered in ("true", "false"):
         return sa.text("1" if lowered == "true" else "0")
-    if dialect == "mysql" and plain.startswith("'{") or dialect == "mysql" and plain.startswith("'["):
+    if dialect == "mysql" and plain.startswith(("'{", "'[")):
         return None  # MySQL takes no literal default on LONGTEXT/JSON; Airflow sets these in Python
     return sa.text(plain)
 

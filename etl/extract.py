@@ -18,6 +18,9 @@ import sqlalchemy as sa
 from . import catalog, tables
 
 
+_SLICE = 5_000
+
+
 @dataclasses.dataclass
 class Filters:
     since: dt.datetime | None = None
@@ -78,12 +81,19 @@ class TableReader:
                 if after is not None:
                     cond.append(sa.tuple_(*keycols) > sa.tuple_(*[sa.literal(v, type_=c.type) for v, c in zip(after, keycols)])
                                 if len(keycols) > 1 else keycols[0] > after[0])
-                rows = conn.execute(base.where(*cond).order_by(*keycols).limit(self.chunk_rows)).all()
-                if not rows:
+                result = conn.execution_options(stream_results=True).execute(
+                    base.where(*cond).order_by(*keycols).limit(self.chunk_rows))
+                # Python row objects cost ten times their Arrow size: convert them in slices.
+                parts, last = [], None
+                for part in result.partitions(_SLICE):
+                    parts.append(self._batch(part))
+                    last = part[-1]
+                if last is None:
                     return
-                after = [rows[-1][i] for i in pos]
-                yield Chunk(self._batch(rows), [_jsonable(v) for v in after])
-                if len(rows) < self.chunk_rows:
+                after = [last[i] for i in pos]
+                batch = pa.Table.from_batches(parts).combine_chunks().to_batches()[0] if len(parts) > 1 else parts[0]
+                yield Chunk(batch, [_jsonable(v) for v in after])
+                if batch.num_rows < self.chunk_rows:
                     return
 
     def _batch(self, rows) -> pa.RecordBatch:

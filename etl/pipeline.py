@@ -9,6 +9,8 @@ has been loaded (and re-numbered) before the row itself.
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from typing import Iterator, Protocol
 
 import pyarrow as pa
@@ -49,14 +51,22 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
     for name in names:
         loaders = {}
         report.table(name).add("source", 0)
-        for chunk in source.chunks(name):
+        def mapped(name=name):
+            for chunk in source.chunks(name):
+                outputs = []
+                for out_name, out in mapper.map(name, chunk.batch):
+                    if target.has(out_name):
+                        out = rekeyer.rekey(out_name, target.conform(out_name, out))
+                    outputs.append((out_name, out))
+                yield chunk, outputs
+
+        for chunk, outputs in prefetch(mapped()):
             report.table(name).add("source", chunk.batch.num_rows)
-            for out_name, out in mapper.map(name, chunk.batch):
+            for out_name, out in outputs:
                 out_report = report.table(out_name)
                 if not target.has(out_name):
                     out_report.add("not_in_target", out.num_rows)
                     continue
-                out = rekeyer.rekey(out_name, target.conform(out_name, out))
                 loader = loaders.get(out_name) or loaders.setdefault(out_name, target.loader(out_name))
                 try:
                     result = loader.load(out, chunk.sha256, chunk.name)
@@ -76,6 +86,46 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
             if dry_run:
                 report.table(out_name).add("only_in_target", max(loader.count_at_start - matched.get(out_name, 0), 0))
     target.finish()
+
+
+def prefetch(items: Iterator, depth: int = 1) -> Iterator:
+    """Read and map the next chunks in a thread while this one loads.
+
+    The target's COPY and index maintenance run in the server; reading and mapping run here.
+    Overlapping the two is what brings a migration close to a raw dump-and-restore pipe.
+    """
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            box.put((done, exc))
+
+    worker = threading.Thread(target=produce, name="etl-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = box.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
 
 
 _REAL = {"inserted": "inserted", "existing": "existing", "updated": "updated"}

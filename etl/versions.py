@@ -1,11 +1,8 @@
 """Which Airflow version a database is at, from its alembic revision.
 
-``schemas/revisions.json`` maps every revision Airflow ever shipped (1.5 to now) to the release
-that introduced it. A database at a catalog version's head revision is that version (the
-oldest one, where several releases share a head: their schemas are the same). A database at
-any other known revision, e.g. a patch release between two catalog versions, is read as the
-newest catalog version whose head was introduced no later than that revision: its schema
-is the closest one that does not assume tables the database cannot have.
+``schemas/revisions.json`` maps every revision Airflow ever shipped (1.5 to now, the pre-2.0 chain
+included) to the release that introduced it; ``bin/snapshot-schemas`` generates it from the
+migration files of the installed releases.
 """
 from __future__ import annotations
 
@@ -27,6 +24,7 @@ def revisions() -> dict[str, str]:
 
 
 def read_revision(engine: sa.Engine) -> str | None:
+    """The single row of ``alembic_version``; None when the table is absent, empty or ambiguous."""
     if not sa.inspect(engine).has_table("alembic_version"):
         return None
     with engine.connect() as conn:
@@ -35,23 +33,34 @@ def read_revision(engine: sa.Engine) -> str | None:
 
 
 def catalog_version_for(revision: str) -> str:
-    heads = {}
+    """The catalog version whose schema a database at ``revision`` has.
+
+    At a catalog version's head revision the answer is that version (the oldest of those sharing
+    the head, e.g. 2.10.5 for 2.11.2: their schemas are identical). At any other known revision
+    (a release between two catalog versions, or a migration stopped part-way) it is the newest
+    catalog version whose head was introduced by a release strictly older than the revision's:
+    every migration of that release is then already applied, whereas a head introduced by the
+    revision's own release lies after the revision in the chain (a head is the last migration of
+    its release), so its tables may not exist yet.
+    """
+    known = revisions()
+    heads: dict[str, str] = {}
     for v in catalog.versions():
         heads.setdefault(catalog.load(v).alembic_revision, v)
     if revision in heads:
         return heads[revision]
-    introduced = revisions().get(revision)
-    if introduced is None:
+    if revision not in known:
         raise EtlError(f"unknown alembic revision {revision}: {HINT}")
-    candidates = [v for v in catalog.versions()
-                  if catalog.version_key(revisions().get(catalog.load(v).alembic_revision, v)) <= catalog.version_key(introduced)]
-    if not candidates:
-        raise EtlError(f"alembic revision {revision} (Airflow {introduced}) is older than any catalog version: {HINT}")
-    return candidates[-1]
+    introduced = catalog.version_key(known[revision])
+    older = [v for v in catalog.versions()
+             if catalog.version_key(known.get(catalog.load(v).alembic_revision, v)) < introduced]
+    if not older:
+        raise EtlError(f"alembic revision {revision} (Airflow {known[revision]}) is older than any catalog version: {HINT}")
+    return older[-1]
 
 
 def detect_version(engine: sa.Engine, override: str | None = None) -> tuple[str, str | None]:
-    """(catalog version, alembic revision) of the database behind ``engine``."""
+    """(catalog version, alembic revision) of the database behind ``engine``; ``override`` wins."""
     revision = read_revision(engine)
     if override:
         if override not in catalog.versions():

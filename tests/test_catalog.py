@@ -1,6 +1,9 @@
 """The schema catalog: what create_empty builds must be what real Airflow built, name for name."""
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 import pytest
 import sqlalchemy as sa
 
@@ -10,10 +13,25 @@ from etl.errors import EtlError, UsageError
 ALL = catalog.versions()
 
 
+def expected_version(version: str) -> str:
+    """Releases sharing a head revision have one schema; detection names the oldest of them."""
+    head = catalog.load(version).alembic_revision
+    return next(v for v in ALL if catalog.load(v).alembic_revision == head)
+
+
 def test_catalog_covers_every_minor_release_from_1_10_to_3_3():
     minors = {tuple(catalog.version_key(v)[:2]) for v in ALL}
     assert {(1, 10), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (2, 6), (2, 7), (2, 8), (2, 9), (2, 10), (2, 11),
             (3, 0), (3, 1), (3, 2), (3, 3)} <= minors
+    assert ALL == sorted(ALL, key=catalog.version_key)
+
+
+@pytest.mark.parametrize("version", ALL)
+def test_catalog_files_are_complete(version):
+    data = json.loads(resources.files("etl.schemas").joinpath(f"airflow-{version}.json").read_text())
+    assert data["format"] == catalog.FORMAT and data["airflow_version"] == version and data["built_by"]
+    assert data["alembic_revision"] in versions.revisions()
+    assert "alembic_version" in data["tables"] and list(data["tables"]) == sorted(data["tables"])
 
 
 @pytest.mark.parametrize("version", ALL)
@@ -24,21 +42,39 @@ def test_postgresql_database_from_catalog_reflects_equal(pg_url, version):
     assert sorted(got) == sorted(want)
     for table in want:
         assert got[table] == want[table], table
-    assert versions.detect_version(engine) == (version if version != "2.11.2" else "2.10.5", catalog.load(version).alembic_revision)
+    assert versions.detect_version(engine) == (expected_version(version), catalog.load(version).alembic_revision)
     engine.dispose()
+
+
+def _columns(engine: sa.Engine) -> dict[str, list[tuple[str, bool]]]:
+    insp = sa.inspect(engine)
+    return {t: [(c["name"], bool(c["nullable"])) for c in insp.get_columns(t)] for t in insp.get_table_names()}
 
 
 @pytest.mark.parametrize("version", ALL)
 def test_mysql_and_sqlite_databases_from_catalog(mysql_url, sqlite_url, version):
+    want = {t: [(c["name"], c["nullable"]) for c in spec["columns"]] for t, spec in catalog.load(version).tables.items()}
     for url in (mysql_url, sqlite_url):
         engine = urls.open_engine(url, create=True)
         catalog.create_empty(engine, version)
-        insp = sa.inspect(engine)
-        assert set(insp.get_table_names()) == set(catalog.load(version).tables)
-        for table in ("dag_run", "task_instance", "xcom"):
-            assert [c["name"] for c in insp.get_columns(table)] == [c["name"] for c in catalog.load(version).columns(table)]
-        assert versions.detect_version(engine)[1] == catalog.load(version).alembic_revision
+        assert _columns(engine) == want, url
+        assert versions.detect_version(engine) == (expected_version(version), catalog.load(version).alembic_revision)
         engine.dispose()
+
+
+def test_mariadb_keeps_nullable_timestamps_null_and_keys_in_airflows_collation(mysql_url):
+    """MariaDB gives the first TIMESTAMP column DEFAULT CURRENT_TIMESTAMP ON UPDATE unless told
+    otherwise, which would rewrite history on every update."""
+    engine = urls.open_engine(mysql_url)
+    catalog.create_empty(engine, "2.10.5")
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT column_name, is_nullable, column_default, extra, collation_name FROM information_schema.columns "
+            "WHERE table_schema = DATABASE() AND table_name = 'dag_run'")).all()
+    engine.dispose()
+    by_name = {r[0]: r for r in rows}
+    assert by_name["start_date"][1:4] == ("YES", "NULL", "")
+    assert by_name["dag_id"][4] == "utf8mb3_bin"
 
 
 def test_unknown_revision_is_a_clear_error(sqlite_url):
@@ -53,11 +89,35 @@ def test_unknown_revision_is_a_clear_error(sqlite_url):
         versions.detect_version(engine, override="9.9.9")
 
 
-def test_revision_between_catalog_versions_reads_as_the_older_schema():
-    # 2.10.0's first migration, not a head of any catalog version
-    rev = next(r for r, v in versions.revisions().items() if v == "2.9.2")
-    assert versions.catalog_version_for(rev) in ("2.8.4", "2.9.3")
-    assert catalog.version_key(versions.catalog_version_for(rev)) <= (2, 9, 3)
+def test_empty_or_absent_alembic_version_is_a_clear_error(sqlite_url):
+    engine = urls.open_engine(sqlite_url, create=True)
+    with pytest.raises(EtlError, match="no single alembic revision.*--source-version / --target-version"):
+        versions.detect_version(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32))")
+    with pytest.raises(EtlError, match="no single alembic revision"):
+        versions.detect_version(engine)
+
+
+@pytest.mark.parametrize(("revision", "release", "expected"), [
+    ("bff083ad727d", "2.9.2", "2.8.4"),  # before 2.9.3's head (686269002441, also a 2.9.2 migration)
+    ("134de42d3cb0", "3.2.0", "3.1.8"),  # part-way through 3.2's migrations
+    ("449b4072c2da", "2.0.2", "1.10.15"),
+])
+def test_revision_between_catalog_versions_reads_as_the_older_schema(revision, release, expected):
+    assert versions.revisions()[revision] == release
+    assert versions.catalog_version_for(revision) == expected
+
+
+def test_revision_older_than_the_catalog_is_a_clear_error():
+    old = next(r for r, v in versions.revisions().items() if v == "1.10.10")
+    with pytest.raises(EtlError, match="older than any catalog version.*--source-version"):
+        versions.catalog_version_for(old)
+
+
+def test_every_revision_maps_to_a_release():
+    assert len(versions.revisions()) > 240
+    assert {catalog.load(v).alembic_revision for v in ALL} <= set(versions.revisions())
 
 
 def test_arrow_types_do_not_depend_on_dialect():
@@ -65,3 +125,5 @@ def test_arrow_types_do_not_depend_on_dialect():
     assert str(schema.field("start_date").type) == "timestamp[us, tz=UTC]"
     assert str(schema.field("executor_config").type) == "binary"
     assert str(schema.field("next_kwargs").type) == "string"
+    assert str(schema.field("try_number").type) == "int32"
+    assert not schema.field("task_id").nullable

@@ -31,8 +31,13 @@ def _inserted(rep: dict) -> dict:
 def test_every_dialect_pair(request, source_kind, target_kind):
     src = _fill(request.getfixturevalue(source_kind))
     tgt = request.getfixturevalue(target_kind)
-    if target_kind == "sqlite_url" and source_kind == "sqlite_url":
-        tgt = tgt.replace("airflow.db", "target.db")
+    if target_kind == source_kind:  # a second database of the same kind
+        if target_kind == "sqlite_url":
+            tgt = tgt.replace("airflow.db", "target.db")
+        else:
+            server = request.getfixturevalue("pg_server" if target_kind == "pg_url" else "mysql_server")
+            tgt = server.create()
+            request.addfinalizer(lambda: server.drop(tgt))
     first = report("migrate", "--source", src, "--target", tgt, "--target-version", "2.10.5")
     for table in ("dag_run", "task_instance", "xcom", "log", "job", "variable"):
         assert count(tgt, table) == count(src, table), table

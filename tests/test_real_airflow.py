@@ -1,5 +1,5 @@
-"""Real Airflow as the oracle: its own init builds what our catalog says, it recognises our
-databases, and its own upgrade accepts the histories we generate. Slow: installs releases
+"""Real Airflow as the oracle: inspect recognises the databases it makes, and its own upgrade
+accepts the histories we generate (the catalog itself is checked in test_catalog_real_airflow.py). Slow: installs releases
 into cached venvs (see etl/airflow_release.py); CI runs these."""
 from __future__ import annotations
 
@@ -13,18 +13,12 @@ NEWEST = catalog.versions()[-1]
 
 
 @pytest.mark.parametrize("version", ["1.10.15", "2.10.5", NEWEST])
-def test_real_airflow_builds_what_the_catalog_says(pg_url, version):
+def test_inspect_names_databases_real_airflow_made(pg_url, version):
     airflow_release.init_db(version, pg_url)
-    engine = urls.open_engine(pg_url)
-    got = catalog.reflect_schema(engine)
-    engine.dispose()
-    want = catalog.load(version).tables
-    assert sorted(got) == sorted(want)
-    for table in want:
-        assert got[table] == want[table], table
     inspected = report("inspect", pg_url)
     assert inspected["airflow_version"] == version
     assert inspected["alembic_revision"] == catalog.load(version).alembic_revision
+    assert inspected["dialect"] == "postgresql" and "task_instance" in inspected["tables"]
 
 
 def test_real_airflow_upgrades_a_sampled_1_10_history(pg_url):

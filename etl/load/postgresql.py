@@ -15,6 +15,9 @@ from .arrowcsv import to_csv
 from .base import Dialect
 
 
+_SLICE = 5_000
+
+
 class PostgreSQL(Dialect):
     name = "postgresql"
 
@@ -65,7 +68,8 @@ class PostgreSQL(Dialect):
         statement = f"COPY {target} ({cols}) FROM STDIN (FORMAT csv)"
         try:
             with raw.cursor() as cur, cur.copy(statement) as copy:
-                copy.write(to_csv(batch))
+                for start in range(0, batch.num_rows, _SLICE):  # a chunk's CSV is never whole in memory
+                    copy.write(to_csv(batch.slice(start, _SLICE)))
         except psycopg.Error as exc:
             # Raised past SQLAlchemy, so wrap it the way SQLAlchemy would (IntegrityError and friends).
             raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
