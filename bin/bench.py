@@ -158,7 +158,10 @@ def export_import(server: Server, source: str) -> dict:
     from moto.server import ThreadedMotoServer
     import boto3
 
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     try:
         host, port = moto.get_host_and_port()

@@ -69,7 +69,7 @@ class Step:
             version=module.version,
             down_version=module.down_version,
             airflow_revisions=tuple(getattr(module, "airflow_revisions", ())),
-            doc=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else "",
+            doc=" ".join((module.__doc__ or "").strip().split("\n\n")[0].split()),
             tables=dict(getattr(module, "TABLES", {})),
             renamed=dict(getattr(module, "RENAMED", {})),
             renamed_columns={k: dict(v) for k, v in getattr(module, "RENAMED_COLUMNS", {}).items()},
@@ -83,7 +83,7 @@ class Step:
         """Per table: what this step does to it and which Airflow revisions that reproduces."""
         out: dict[str, dict] = {}
         for table, fn in self.tables.items():
-            text = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
+            text = " ".join((fn.__doc__ or fn.__name__).strip().split("\n\n")[0].split())
             out[table] = {"rule": text, "airflow_revisions": list(getattr(fn, "airflow_revisions", ()))}
         for table, reason in self.dropped.items():
             out[table] = {"rule": f"not carried into Airflow {self.version}: {reason}", "airflow_revisions": []}

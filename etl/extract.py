@@ -18,7 +18,9 @@ import sqlalchemy as sa
 from . import catalog, tables
 
 
-_SLICE = 5_000
+_SLICE = 2_000
+#: A chunk closes at this many bytes of Arrow data even before ``chunk_rows``.
+CHUNK_BYTES = 8 << 20
 
 
 @dataclasses.dataclass
@@ -84,16 +86,20 @@ class TableReader:
                 result = conn.execution_options(stream_results=True).execute(
                     base.where(*cond).order_by(*keycols).limit(self.chunk_rows))
                 # Python row objects cost ten times their Arrow size: convert them in slices.
-                parts, last = [], None
+                parts, last, size, full = [], None, 0, False
                 for part in result.partitions(_SLICE):
                     parts.append(self._batch(part))
-                    last = part[-1]
+                    last, size = part[-1], size + parts[-1].nbytes
+                    if size >= CHUNK_BYTES:  # wide rows (100 kB xcom values): a smaller chunk, same memory
+                        full = True
+                        break
+                result.close()
                 if last is None:
                     return
                 after = [last[i] for i in pos]
                 batch = pa.Table.from_batches(parts).combine_chunks().to_batches()[0] if len(parts) > 1 else parts[0]
                 yield Chunk(batch, [_jsonable(v) for v in after])
-                if batch.num_rows < self.chunk_rows:
+                if batch.num_rows < self.chunk_rows and not full:
                     return
 
     def _batch(self, rows) -> pa.RecordBatch:

@@ -31,13 +31,12 @@ class PickleUnreadable(ValueError):
 def loads(data: bytes) -> Any:
     """Unpickle ``data`` admitting plain data only; the result holds stdlib types only."""
     try:
-        obj = _Unpickler(io.BytesIO(data), encoding="ASCII").load()
+        return _plain(_Unpickler(io.BytesIO(data), encoding="ASCII").load())
     except PickleRefused:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, OverflowError, UnicodeDecodeError, zoneinfo.ZoneInfoNotFoundError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            OverflowError, RecursionError, UnicodeDecodeError) as exc:
         raise PickleUnreadable(f"unreadable pickle: {type(exc).__name__}: {exc}") from None
-    return _plain(obj)
 
 
 # -- stand-ins for third-party timezones ---------------------------------------------------------
@@ -174,8 +173,20 @@ def _reconstructor(cls, base, state):
     raise PickleRefused(f"copyreg._reconstructor for {cls!r} is not plain data")
 
 
-_BUILTINS = {name: getattr(builtins, name) for name in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes",
-                                                         "bytearray", "int", "float", "complex", "bool")}
+def _sized(cls: type) -> Callable:
+    """``bytes(n)`` / ``bytearray(n)`` would allocate n zero bytes: only copies of given content are built."""
+
+    def build(*args):
+        if args and isinstance(args[0], int):
+            raise PickleRefused(f"{cls.__name__}(<size>) is not plain data")
+        return cls(*args)
+
+    return build
+
+
+_BUILTINS = {name: getattr(builtins, name) for name in ("dict", "list", "tuple", "set", "frozenset", "str", "int",
+                                                         "float", "complex", "bool")}
+_BUILTINS.update(bytes=_sized(bytes), bytearray=_sized(bytearray))
 
 #: (module, name) -> what the pickle gets instead. Nothing here runs code of the named library.
 ALLOWED: dict[tuple[str, str], Callable] = {

@@ -1,0 +1,56 @@
+"""2.2: task instances and reschedules are keyed to their dag run by run_id instead of execution_date.
+
+Before migrating, Airflow's ``check_run_id_null`` and ``check_bad_references`` (airflow/utils/db.py)
+move dag runs missing a key column, and task rows without their dag run or task instance, to
+``_airflow_moved__2_2__...`` tables; those rows go to the quarantine here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from etl.chain import reproduces
+from etl.transform import put
+
+version = "2.2.5"
+down_version = "2.0.2"
+airflow_revisions = ("7b2661a43ba3", "30867afad44a")
+NEEDS = ("runs", "task_instances")
+RENAMED_COLUMNS = {"dag": {"concurrency": "max_active_tasks"}}  # 30867afad44a
+
+_MOVED = "Airflow 2.2 moves it to _airflow_moved__2_2__dangling__{} (check_bad_references, 7b2661a43ba3)"
+
+
+@reproduces("7b2661a43ba3")
+def dag_run(batch, ctx):
+    """Runs with a NULL dag_id, run_id or execution_date are quarantined (check_run_id_null)."""
+    bad = pc.or_(pc.or_(pc.is_null(batch.column("dag_id")), pc.is_null(batch.column("run_id"))),
+                 pc.is_null(batch.column("execution_date")))
+    return ctx.reject("dag_run", batch, bad, "NULL dag_id, run_id or execution_date: Airflow 2.2 moves it to "
+                                             "_airflow_moved__2_2__dangling__dag_run (check_run_id_null, 7b2661a43ba3)")
+
+
+def _with_run_id(table: str, batch, ctx):
+    found, run_id, _ = ctx.run_of(batch.column("dag_id"), batch.column("execution_date"))
+    batch = put(batch, "run_id", run_id)
+    return ctx.reject(table, batch, ~found, "no dag_run with this dag_id and execution_date: " + _MOVED.format(table))
+
+
+@reproduces("7b2661a43ba3")
+def task_instance(batch, ctx):
+    """run_id from the dag run with the same (dag_id, execution_date); rows without one are quarantined."""
+    return _with_run_id("task_instance", batch, ctx)
+
+
+@reproduces("7b2661a43ba3")
+def task_reschedule(batch, ctx):
+    """run_id from the dag run; rows without their dag run or task instance are quarantined."""
+    batch = _with_run_id("task_reschedule", batch, ctx)
+    found, _ = ctx.task_instance(batch.column("dag_id"), batch.column("task_id"), batch.column("run_id"),
+                                 pa.repeat(pa.scalar(-1, pa.int32()), batch.num_rows))
+    return ctx.reject("task_reschedule", batch, np.logical_not(found),
+                      "no task_instance for this row: " + _MOVED.format("task_reschedule"))
+
+
+TABLES = {"dag_run": dag_run, "task_instance": task_instance, "task_reschedule": task_reschedule}

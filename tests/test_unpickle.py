@@ -1,0 +1,192 @@
+"""The restricted unpickler: plain data and Airflow's timezone values load; nothing else runs."""
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import os
+import pickle
+import sys
+import types
+import zoneinfo
+
+import pytest
+
+from etl import unpickle
+
+#: Pickles made by the libraries in the Airflow 2.2.5 and 3.3.2 virtualenvs, with what they must become.
+REAL = [
+    (  # pendulum 2.1.2 DateTime(FixedTimezone(3600)), protocol 2
+        '80026370656e64756c756d2e6461746574696d650a4461746554696d650a7100284de5074b034b044b004b004b004b006370'
+        '656e64756c756d2e747a2e74696d657a6f6e650a466978656454696d657a6f6e650a71014d100e58060000002b30313a3030'
+        '71028671035271047d71052858050000005f6e616d657106680258070000005f6f666673657471074d100e580a0000005f75'
+        '74636f66667365747108636461746574696d650a74696d6564656c74610a71094b004d100e4b0087710a52710b756274710c'
+        '52710d2e',
+        dt.datetime(2021, 3, 4, tzinfo=dt.timezone(dt.timedelta(hours=1), '+01:00'))),
+    (  # pendulum 2.1.2 Date, protocol 2 (bytes spelled _codecs.encode)
+        '80026370656e64756c756d2e646174650a446174650a7100635f636f646563730a656e636f64650a7101580500000007c3a5'
+        '0304710258060000006c6174696e3171038671045271058571065271072e',
+        dt.date(2021, 3, 4)),
+    (  # dateutil 2.8.2 tzutc, protocol 0 (copy_reg._reconstructor)
+        '636461746574696d650a6461746574696d650a70300a28635f636f646563730a656e636f64650a70310a285607e501015c75'
+        '303030305c75303030305c75303030305c75303030305c75303030305c75303030300a70320a566c6174696e310a70330a74'
+        '70340a5270350a63636f70795f7265670a5f7265636f6e7374727563746f720a70360a2863646174657574696c2e747a2e74'
+        '7a0a747a7574630a70370a636461746574696d650a747a696e666f0a70380a67380a28745270390a747031300a527031310a'
+        '747031320a527031330a2e',
+        dt.datetime(2021, 1, 1, tzinfo=dt.timezone.utc)),
+    (  # dateutil 2.8.2 tzoffset, protocol 2 (NEWOBJ + BUILD)
+        '8002636461746574696d650a6461746574696d650a7100635f636f646563730a656e636f64650a7101580b00000007c3a501'
+        '01000000000000710258060000006c6174696e31710386710452710563646174657574696c2e747a2e747a0a747a6f666673'
+        '65740a7106298171077d71082858050000005f6e616d657109580100000058710a58070000005f6f6666736574710b636461'
+        '746574696d650a74696d6564656c74610a710c4b004d100e4b0087710d52710e756286710f5271102e',
+        dt.datetime(2021, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1), 'X'))),
+    (  # dateutil 2.9 tzoffset, protocol 2 (REDUCE)
+        '8002636461746574696d650a6461746574696d650a7100635f636f646563730a656e636f64650a7101580b00000007c3a501'
+        '01000000000000710258060000006c6174696e31710386710452710563646174657574696c2e747a2e747a0a747a6f666673'
+        '65740a71065801000000587107636461746574696d650a74696d6564656c74610a71084b004d100e4b0087710952710a8671'
+        '0b52710c86710d52710e2e',
+        dt.datetime(2021, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1), 'X'))),
+    (  # pytz 2025.1 Europe/Amsterdam localized in July, protocol 4
+        '8004955d000000000000008c086461746574696d65948c086461746574696d65949394430a07e50701000000000000948c04'
+        '7079747a948c025f70949394288c104575726f70652f416d7374657264616d944d201c4d100e8c0443455354947494529486'
+        '9452942e',
+        dt.datetime(2021, 7, 1, tzinfo=dt.timezone(dt.timedelta(hours=2), 'CEST'))),
+    (  # collections.OrderedDict, protocol 2
+        '800263636f6c6c656374696f6e730a4f726465726564446963740a71002952710158010000006171024b01732e',
+        {'a': 1}),
+    (  # pendulum 3.3.0 {'d': DateTime in Europe/Amsterdam}, protocol 4 (getattr(Timezone, '_unpickle'))
+        '800495a1000000000000007d948c0164948c1170656e64756c756d2e6461746574696d65948c084461746554696d65949394'
+        '284de5074b034b044b054b064b074b008c086275696c74696e73948c07676574617474729493948c1470656e64756c756d2e'
+        '747a2e74696d657a6f6e65948c0854696d657a6f6e659493948c095f756e7069636b6c6594869452948c104575726f70652f'
+        '416d7374657264616d944b018694529474945294732e',
+        {'d': dt.datetime(2021, 3, 4, 5, 6, 7, tzinfo=zoneinfo.ZoneInfo('Europe/Amsterdam'))}),
+    (  # pendulum 3.3.0 Duration, protocol 4
+        '8004952d000000000000008c1170656e64756c756d2e6475726174696f6e948c084475726174696f6e9493944b014d201c4b'
+        '00879452942e',
+        dt.timedelta(days=1, hours=2)),
+    (  # pendulum 3.3.0 Time, protocol 4
+        '80049528000000000000008c0d70656e64756c756d2e74696d65948c0454696d65949394284b014b024b034b004e74945294'
+        '2e',
+        dt.time(1, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("hexdata,expected", REAL)
+def test_pickles_made_by_airflow_libraries_become_stdlib_values(hexdata, expected):
+    value = unpickle.loads(bytes.fromhex(hexdata))
+    assert value == expected and type(value) is type(expected)
+    inner = value["d"] if isinstance(value, dict) and "d" in value else value
+    if isinstance(inner, (dt.datetime, dt.time)) and inner.tzinfo is not None:
+        assert type(inner.tzinfo) in (dt.timezone, zoneinfo.ZoneInfo)
+        assert inner.utcoffset() == expected_offset(expected)
+
+
+def expected_offset(expected):
+    inner = expected["d"] if isinstance(expected, dict) and "d" in expected else expected
+    return inner.utcoffset()
+
+
+PLAIN = {"s": "x", "b": b"\x00\xff", "ba": bytearray(b"ab"), "i": 2 ** 70, "f": 1.5, "nan": float("nan"), "c": 1 + 2j,
+         "t": (1, None, True), "set": {1, 2}, "fs": frozenset({"a"}), "l": [[], {}], "d": decimal.Decimal("1.10"),
+         "when": dt.datetime(2021, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone(dt.timedelta(hours=-5))), "day": dt.date(2020, 2, 29),
+         "clock": dt.time(23, 59), "span": dt.timedelta(seconds=-1), "utc": dt.timezone.utc}
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_plain_data_round_trips_in_every_protocol(protocol):
+    value = unpickle.loads(pickle.dumps(PLAIN, protocol=protocol))
+    assert set(value) == set(PLAIN)
+    for key, expected in PLAIN.items():
+        if key == "nan":
+            assert value[key] != value[key]
+        else:
+            assert value[key] == expected and type(value[key]) is type(expected), key
+
+
+class _Fake:
+    """Classes pickled under a third-party module's name, without that library installed."""
+
+    def __init__(self, module: str, name: str, **attrs):
+        self.module, self.name, self.attrs = module, name, attrs
+
+    def __enter__(self):
+        cls = type(self.name, (), self.attrs)
+        cls.__module__, cls.__qualname__ = self.module, self.name
+        parts = self.module.split(".")
+        self.added = [n for n in (".".join(parts[:i + 1]) for i in range(len(parts))) if n not in sys.modules]
+        for name in self.added:
+            sys.modules[name] = types.ModuleType(name)
+        setattr(sys.modules[self.module], self.name, cls)
+        return cls
+
+    def __exit__(self, *exc):
+        for name in self.added:
+            del sys.modules[name]
+
+
+def test_pendulum_2_named_timezone_with_its_transition_tables():
+    """pendulum 2 pickles Timezone(name) and then its whole transition table as BUILD state."""
+    with _Fake("pendulum.tz.zoneinfo.transition", "Transition") as transition, \
+            _Fake("pendulum.tz.timezone", "Timezone", __reduce__=lambda self: (type(self), ("Europe/Amsterdam",), self.__dict__),
+                  __init__=lambda self, *a: None) as timezone:
+        step = transition()
+        step._at, step._offset = -1693706, 1172
+        zone = timezone()
+        zone._name, zone._transitions = "Europe/Amsterdam", [step]
+        data = pickle.dumps({"zone": zone, "when": dt.datetime(2021, 7, 1, 12)}, protocol=2)
+    value = unpickle.loads(data)
+    assert value["zone"] == zoneinfo.ZoneInfo("Europe/Amsterdam")
+
+
+def test_a_helper_object_left_as_data_is_refused():
+    with _Fake("pendulum.tz.zoneinfo.transition", "Transition") as transition:
+        data = pickle.dumps([transition()], protocol=2)
+    with pytest.raises(unpickle.PickleRefused, match="not plain data"):
+        unpickle.loads(data)
+
+
+class _System:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+class _Open:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("evil", [_System, _Open])
+def test_code_in_a_pickle_never_runs(tmp_path, evil):
+    target = tmp_path / "pwned"
+    for protocol in (0, 2, 5):
+        with pytest.raises(unpickle.PickleRefused, match="not plain data"):
+            unpickle.loads(pickle.dumps({"conf": evil(str(target))}, protocol=protocol))
+    assert not target.exists()
+
+
+def test_reachable_callables_are_fenced():
+    getattr_os = b"\x80\x04cbuiltins\ngetattr\ncos\nenviron\n\x8c\x03get\x86R."
+    with pytest.raises(unpickle.PickleRefused, match="os.environ"):
+        unpickle.loads(getattr_os)
+    codec = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x04\x00\x00\x00zlib\x86R."
+    with pytest.raises(unpickle.PickleRefused, match="zlib"):
+        unpickle.loads(codec)
+    reconstruct = b"ccopy_reg\n_reconstructor\n(c__builtin__\ndict\ncdatetime\ntzinfo\nNtR."
+    with pytest.raises(unpickle.PickleRefused, match="_reconstructor"):
+        unpickle.loads(reconstruct)
+    huge = b"\x80\x02c__builtin__\nbytearray\n\x8a\x06\x00\x00\x00\x00\x00\x01\x85R."  # bytearray(2**40)
+    with pytest.raises(unpickle.PickleRefused, match="size"):
+        unpickle.loads(huge)
+    with pytest.raises(unpickle.PickleRefused, match="persistent id"):
+        unpickle.loads(b"\x80\x02X\x01\x00\x00\x00aQ.")
+
+
+def test_unreadable_bytes_are_a_different_error():
+    for data in (b"", b"\x80\x05}", b"not a pickle", pickle.dumps([1, 2])[:-3]):
+        with pytest.raises(unpickle.PickleUnreadable):
+            unpickle.loads(data)
