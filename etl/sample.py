@@ -43,6 +43,19 @@ class History:
         self.job_id = 0
         self.ids: dict[str, int] = {}
 
+    def resume(self, engine: sa.Engine) -> int:
+        """On a database that already has a sample, carry on after it (more history, as a live source grows)."""
+        with engine.connect() as conn:
+            runs = conn.execute(sa.text("SELECT count(*) FROM dag_run")).scalar_one()
+            if not runs:
+                return 0
+            for table, spec in self.schema.tables.items():
+                if any(c["name"] == "id" and c.get("autoincrement") for c in spec["columns"]):
+                    ids = sa.table(table, sa.column("id"))
+                    self.ids[table] = conn.execute(sa.select(sa.func.coalesce(sa.func.max(ids.c.id), 0))).scalar_one()
+            self.job_id = self.ids.get("job", 0)
+        return runs
+
     def has(self, table: str, column: str | None = None) -> bool:
         if table not in self.schema.tables:
             return False
@@ -299,9 +312,11 @@ def sample(engine: sa.Engine, airflow_version: str, dag_runs: int = 50, seed: in
     history = History(airflow_version, seed, fernet_key, faults)
     meta = sa.MetaData()
     writer = _Writer(engine, history, meta)
-    writer.write(history.config())
-    for first in range(0, dag_runs, BLOCK):
-        writer.write(history.runs(first, min(BLOCK, dag_runs - first)))
+    start = history.resume(engine)
+    if start == 0:
+        writer.write(history.config())
+    for first in range(start, start + dag_runs, BLOCK):
+        writer.write(history.runs(first, min(BLOCK, start + dag_runs - first)))
     return writer.counts
 
 

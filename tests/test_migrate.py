@@ -80,12 +80,13 @@ def test_export_import_twice_writes_nothing_the_second_time(pg_url, sqlite_url, 
 
 def test_merge_into_a_target_with_history_of_its_own(pg_url, mysql_url):
     src = _fill(pg_url, dag_runs=10, seed=5)
-    tgt = _fill(mysql_url, dag_runs=6, seed=5)  # the same first six runs, with the target's own ids
+    tgt = _fill(mysql_url, dag_runs=6, seed=5)  # the same first six runs as the source
     engine = urls.open_engine(tgt)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE dag_run SET id = id + 1000")  # ids differ from the source's
+    with engine.begin() as conn:  # a run only the target has: the source's later runs get other ids here
+        conn.exec_driver_sql("INSERT INTO dag_run (dag_id, run_id, run_type, execution_date, clear_number) "
+                             "VALUES ('target_only', 'manual__x', 'manual', '2020-01-01', 0)")
     engine.dispose()
-    before_runs = count(tgt, "dag_run")
+    before_runs = count(tgt, "dag_run") - 1
     rep = report("migrate", "--source", src, "--target", tgt)
     assert rep["tables"]["dag_run"]["existing"] == before_runs and rep["tables"]["dag_run"]["inserted"] == 10 - before_runs
     # every xcom row points at the dag run with its own (dag_id, run_id)
@@ -96,7 +97,7 @@ def test_merge_into_a_target_with_history_of_its_own(pg_url, mysql_url):
         orphans = conn.execute(sa.text("SELECT count(*) FROM xcom x LEFT JOIN dag_run d ON d.id = x.dag_run_id WHERE d.id IS NULL")).scalar()
     engine.dispose()
     assert bad == 0 and orphans == 0
-    assert count(tgt, "dag_run") == 10
+    assert count(tgt, "dag_run") == 11
 
 
 def test_fernet_rekeying_and_wrong_key(pg_url, sqlite_url):

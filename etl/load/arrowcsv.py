@@ -16,11 +16,20 @@ _OPTIONS = pacsv.WriteOptions(include_header=False, quoting_style="all_valid", b
 
 
 def to_csv(batch: pa.RecordBatch) -> bytes:
-    cols = [binary_to_pg_hex(c) if pa.types.is_binary(c.type) or pa.types.is_large_binary(c.type) else c
-            for c in batch.columns]
+    cols = [_plain(c) for c in batch.columns]
     out = io.BytesIO()
     pacsv.write_csv(pa.RecordBatch.from_arrays(cols, names=batch.schema.names), out, _OPTIONS)
     return out.getvalue()
+
+
+def _plain(col: pa.Array) -> pa.Array:
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        return binary_to_pg_hex(col)
+    if pa.types.is_timestamp(col.type) and col.type.tz is not None:
+        # The same UTC instant without the zone: the writer formats zoned timestamps far slower,
+        # and the session's time zone is UTC, so PostgreSQL reads it back as the same instant.
+        return col.cast(pa.timestamp(col.type.unit))
+    return col
 
 
 def binary_to_pg_hex(arr: pa.Array) -> pa.Array:

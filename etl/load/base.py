@@ -38,6 +38,7 @@ SOFT_REFERENCES = {
     "task_instance_history": {"job_id": "job", "queued_by_job_id": "job"},
     "dag_run": {"creating_job_id": "job"},
     "trigger": {"triggerer_id": "job"},
+    "xcom": {"dag_run_id": "dag_run"},  # keyed by the run's id since 2.3, with no foreign key to it
 }
 
 Quarantine = Callable[[str, pa.RecordBatch, str], None]
@@ -116,7 +117,9 @@ class Dialect:
         """Insert, leaving (``update`` False) or overwriting rows whose key exists; returns rows written."""
         raise NotImplementedError
 
-    def reserve_ids(self, conn: sa.Connection, table: sa.Table, n: int) -> np.ndarray:
+    def reserve_ids(self, conn: sa.Connection, table: sa.Table, n: int, exclusive: bool) -> np.ndarray:
+        """``n`` new ids from the target's own generator. ``exclusive``: no other writer is running
+        (the scheduler check passed), so a block can be taken in one step."""
         raise NotImplementedError
 
     def repair_sequence(self, conn: sa.Connection, table: sa.Table) -> None:
@@ -149,7 +152,8 @@ class TableLoader:
 
     def __init__(self, engine: sa.Engine, dialect: Dialect, target: TargetTable, source: str, update: bool,
                  id_maps: ledger.IdMaps, uuid_maps: dict[str, dict[str, str]], quarantine: Quarantine,
-                 dry_run: bool = False):
+                 dry_run: bool = False, exclusive: bool = False):
+        self.exclusive = exclusive
         self.engine, self.dialect, self.t, self.source, self.update = engine, dialect, target, source, update
         self.id_maps, self.quarantine, self.dry_run = id_maps, quarantine, dry_run
         self.uuid_maps = uuid_maps
@@ -281,7 +285,7 @@ class TableLoader:
                 ids = -np.arange(self._fake_id + 1, self._fake_id + 1 + batch.num_rows, dtype=np.int64)
                 self._fake_id += batch.num_rows
             else:
-                ids = self.dialect.reserve_ids(conn, self.t.table, batch.num_rows)
+                ids = self.dialect.reserve_ids(conn, self.t.table, batch.num_rows, self.exclusive)
                 batch = _set(batch, "id", pa.array(ids).cast(batch.schema.field("id").type))
                 self.dialect.insert(conn, self.t.table, batch)
             result.inserted += batch.num_rows

@@ -29,7 +29,7 @@ class MySQL(Dialect):
         rowwise.execute(conn, stmt, new)
         return new.num_rows
 
-    def reserve_ids(self, conn, table, n):
+    def reserve_ids(self, conn, table, n, exclusive):
         # FOR UPDATE on the index end blocks concurrent inserts until our chunk commits.
         top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(table.c.id), 0)).with_for_update()).scalar_one()
         auto = conn.execute(sa.text("SELECT AUTO_INCREMENT FROM information_schema.TABLES "

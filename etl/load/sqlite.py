@@ -27,7 +27,7 @@ class SQLite(Dialect):
         rowwise.execute(conn, stmt.on_conflict_do_nothing(), new)
         return new.num_rows
 
-    def reserve_ids(self, conn, table, n):
+    def reserve_ids(self, conn, table, n, exclusive):
         top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(table.c.id), 0))).scalar_one()
         seq = 0
         if sa.inspect(conn).has_table("sqlite_sequence"):

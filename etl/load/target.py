@@ -30,6 +30,7 @@ class Target:
 
             catalog.create_empty(self.engine, version)
         self.version, self.revision = versions.detect_version(self.engine, override=version)
+        self.forced = force
         if not force and not dry_run:
             self._refuse_live_scheduler()
         self.dry_run = dry_run
@@ -59,7 +60,7 @@ class Target:
     def loader(self, name: str) -> TableLoader:
         self.touched.add(name)
         return TableLoader(self.engine, self.dialect, self.describe(name), self.source_key, self.update,
-                           self.id_maps, self.uuid_maps, self.quarantine, dry_run=self.dry_run)
+                           self.id_maps, self.uuid_maps, self.quarantine, dry_run=self.dry_run, exclusive=not self.forced)
 
     def prepare(self) -> None:
         """The ledger tables, created only once every check has passed and writing begins."""
