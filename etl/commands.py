@@ -317,8 +317,12 @@ def _load(src, target_url: str, target_version, on_conflict, source_key, target_
         for (table, reason), n in sorted(quarantine.counts.items()):
             report.table(table).add("quarantined", n)
             report.notes.append(f"quarantined {n} {table} rows: {reason}")
-        for table, cols in sorted(mapper.removed.items()):
-            report.notes.append(f"{table}: columns not in Airflow {target.version}, not loaded: {', '.join(sorted(cols))}")
+        summary = mapper.summary()
+        for table, cols in summary["removed_columns"].items():
+            report.notes.append(f"{table}: columns not in Airflow {target.version}, not loaded: {', '.join(cols)}")
+        for gone in summary["tables_not_carried"]:
+            report.notes.append(f"{gone['table']}: {gone['rows']} rows not loaded: {gone['reason']} (they stay in the source"
+                                f"{' and the export' if isinstance(src, PackageSource) else ''})")
         if not rekeyer.active and not dry_run:
             report.notes.append("no Fernet keys given: encrypted values were copied as they are; the target must use the source's Fernet key")
     finally:
