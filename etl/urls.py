@@ -1,8 +1,9 @@
 """Database URLs as people write them, turned into the drivers we ship.
 
 Users paste URLs from ``airflow.cfg`` (``postgres://``, ``mysql://``, ``postgresql+psycopg2://``)
-or from Heroku-style environments; we always talk through psycopg 3 and PyMySQL, so the
-driver part is replaced rather than trusted.
+or from Heroku-style environments; we always talk through our own drivers (psycopg 3, or psycopg2
+under SQLAlchemy 1.4 inside Airflow 2: see ``drivers``; PyMySQL), so the driver part is replaced
+rather than trusted.
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import os
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
+from . import drivers
 from .errors import EtlError, UsageError
 
 _DRIVERS = {
-    "postgres": "postgresql+psycopg",
-    "postgresql": "postgresql+psycopg",
+    "postgres": drivers.POSTGRESQL,
+    "postgresql": drivers.POSTGRESQL,
     "mysql": "mysql+pymysql",
     "mariadb": "mysql+pymysql",
     "sqlite": "sqlite",
@@ -65,7 +67,7 @@ def open_engine(url: str | URL, *, create: bool = False) -> sa.Engine:
         path = parsed.database
         if path and path != ":memory:" and not os.path.exists(path):
             raise EtlError(f"SQLite database {path} does not exist")
-    eng = sa.create_engine(parsed, pool_pre_ping=True, **_utc_session(parsed))
+    eng = sa.create_engine(parsed, pool_pre_ping=True, **_utc_session(parsed), **drivers.engine_options())
     try:
         with eng.connect():
             pass
