@@ -198,8 +198,9 @@ def export(source: str, dest: str, tables: tuple | None = None, exclude_tables: 
     bar = Progress(progress)
     try:
         _export_tables(src, writer, report, bar)
-    finally:
         bar.finish()
+    finally:
+        bar.close()
         src.engine.dispose()
     writer.commit({"source_dialect": src.engine.dialect.name, "airflow_version": src.version,
                    "alembic_revision": src.revision, "filters": src.filters.to_dict()})
@@ -208,6 +209,7 @@ def export(source: str, dest: str, tables: tuple | None = None, exclude_tables: 
 
 def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
     from .extract import from_jsonable
+    from .pipeline import prefetch
 
     for name in src.names:
         state = writer.table_state(name)
@@ -217,7 +219,8 @@ def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
                 state = {"chunks": [], "last_key": None, "done": False}  # no key to resume after: start the table again
             bar.start(name, reader.count() if bar.enabled else None)
             after = [from_jsonable(v) for v in state["last_key"]] if state["last_key"] else None
-            for chunk in reader.chunks(after=after):
+            # The next page is read (the server's work) while this one is encoded and written.
+            for chunk in prefetch(reader.chunks(after=after)):
                 writer.write_chunk(name, state, chunk.batch, chunk.last_key)
                 bar.advance(name, chunk.batch.num_rows)
             writer.finish_table(name, state, reader.schema)
@@ -295,6 +298,17 @@ def diff(source: str, target: str, tables: tuple | None = None, exclude_tables: 
     return report.finish()
 
 
+def load_source(src, target: str, quarantine, report: Report, on_conflict: str = "skip", source_fernet_key: str | None = None,
+                target_fernet_key: str | None = None, force: bool = False) -> Report:
+    """Map and load any source (a ``PackageSource``, a part of one, a ``DatabaseSource``) into ``target``.
+
+    What ``import_`` does after verifying, for callers that cut a job into units of work that run
+    apart (``etl.units``, behind the Airflow DAGs); ``quarantine`` receives the unmappable rows.
+    """
+    _load(src, target, None, on_conflict, source_fernet_key, target_fernet_key, force, False, quarantine, report, dry_run=False)
+    return report.finish()
+
+
 def _load(src, target_url: str, target_version, on_conflict, source_key, target_key, force, progress, quarantine,
           report: Report, dry_run: bool) -> None:
     from . import pipeline
@@ -312,8 +326,9 @@ def _load(src, target_url: str, target_version, on_conflict, source_key, target_
         bar = Progress(progress)
         try:
             pipeline.run(src, target, mapper, rekeyer, report, bar, dry_run=dry_run)
-        finally:
             bar.finish()
+        finally:
+            bar.close()
         for (table, reason), n in sorted(quarantine.counts.items()):
             report.table(table).add("quarantined", n)
             report.notes.append(f"quarantined {n} {table} rows: {reason}")

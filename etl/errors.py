@@ -1,8 +1,7 @@
 """Errors sorted by what the caller should do with them.
 
-The CLI prints an ``EtlError`` as one line and exits 1; ``UsageError`` exits 2 like argparse;
-``TransientError`` is what tenacity retries (dropped connections, serialization failures,
-S3 throttling) and becomes an ``EtlError`` once retries are exhausted.
+The CLI prints an ``EtlError`` as one line and exits 1; ``UsageError`` exits 2 like argparse.
+What is worth retrying is decided by ``etl.retry`` from the driver's and S3's own errors.
 """
 from __future__ import annotations
 
@@ -13,7 +12,3 @@ class EtlError(Exception):
 
 class UsageError(EtlError):
     """The command line or API call itself is wrong."""
-
-
-class TransientError(EtlError):
-    """Worth retrying: the same call may succeed a moment later."""

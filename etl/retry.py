@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import sqlalchemy as sa
-from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .errors import EtlError
 
@@ -19,7 +19,7 @@ _WAIT = wait_exponential(multiplier=0.5, max=10)
 
 # SQLSTATE classes worth another try: serialization failure, deadlock, connection exceptions.
 _PG_TRANSIENT = ("40001", "40P01", "08000", "08003", "08006", "57P01")
-_MYSQL_TRANSIENT = (1205, 1213, 2006, 2013)
+_MYSQL_TRANSIENT = (1205, 1213, 2003, 2006, 2013)
 
 
 def transient(exc: BaseException) -> bool:
@@ -29,6 +29,8 @@ def transient(exc: BaseException) -> bool:
         ClientError = BotoConnectionError = EndpointConnectionError = ()
     if isinstance(exc, (BotoConnectionError, EndpointConnectionError)):
         return True
+    if isinstance(exc, ValueError) and isinstance(exc.__cause__, ClientError):
+        return transient(exc.__cause__)  # smart_open re-raises S3 errors as ValueError
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -37,33 +39,57 @@ def transient(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         orig = exc.orig
-        code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "diag", None), "sqlstate", None)
+        code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
         if code in _PG_TRANSIENT:
             return True
+        if code is None and type(orig).__name__ == "OperationalError" and type(orig).__module__.startswith("psycopg"):
+            return True  # no SQLSTATE: the connection itself failed (server restarting, closed socket)
         args = getattr(orig, "args", ())
         return bool(args) and args[0] in _MYSQL_TRANSIENT
     return False
 
 
-def _log(state) -> None:
-    exc = state.outcome.exception()
-    log.warning("retry %d/%d after %s: %s", state.attempt_number, ATTEMPTS, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+def _reason(exc: BaseException) -> str:
+    """The first line of what went wrong, from the driver's or S3's error rather than a wrapper's."""
+    if isinstance(exc, ValueError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # smart_open's "bucket does not exist, or is forbidden" says less than S3 did
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip()
+    return f"{type(inner).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _logger(what: str):
+    def before_sleep(state) -> None:
+        log.warning("%s: retry %d/%d in %.1f s after %s", what, state.attempt_number, ATTEMPTS - 1,
+                    state.next_action.sleep, _reason(state.outcome.exception()))
+    return before_sleep
 
 
 def call(fn, *args, what: str, **kwargs):
-    """``fn(*args, **kwargs)``, retried while it fails transiently."""
+    """``fn(*args, **kwargs)``, retried while it fails transiently; ``what`` names it in logs and errors."""
     try:
         for attempt in Retrying(stop=stop_after_attempt(ATTEMPTS), wait=_WAIT, retry=retry_if_exception(transient),
-                                before_sleep=_log, reraise=True):
+                                before_sleep=_logger(what), reraise=True):
             with attempt:
                 return fn(*args, **kwargs)
-    except RetryError as exc:  # pragma: no cover - reraise=True re-raises the last error instead
-        raise EtlError(f"{what}: gave up after {ATTEMPTS} tries") from exc
     except Exception as exc:
         if transient(exc):
-            raise EtlError(f"{what}: gave up after {ATTEMPTS} tries: {str(exc).splitlines()[0]}") from exc
+            raise EtlError(f"{what}: gave up after {ATTEMPTS} tries: {_reason(exc)}") from exc
         raise
 
 
 def storage(fn, *args, what: str):
-    return call(fn, *args, what=what)
+    """A call to S3 or the file system; a lasting failure (no such bucket, access denied, disk full)
+    becomes one line naming the file."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return call(fn, *args, what=what)
+    except OSError as exc:
+        raise EtlError(f"{what}: {exc.strerror or exc}") from exc
+    except (ClientError, BotoCoreError, ValueError) as exc:
+        cause = exc.__cause__ if isinstance(exc, ValueError) else exc
+        if not isinstance(cause, (ClientError, BotoCoreError)):
+            raise
+        err = getattr(cause, "response", {}).get("Error", {})
+        raise EtlError(f"{what}: {err.get('Message') or err.get('Code') or str(cause).splitlines()[0]}") from exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import time
 from typing import Any, Iterator
@@ -22,8 +23,10 @@ import pyarrow.parquet as pq
 from . import __version__
 from .errors import EtlError
 
+log = logging.getLogger("etl.staging")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+_PART = 8 << 20
 
 
 class Store:
@@ -55,9 +58,11 @@ class Store:
         if self.s3:
             from botocore.exceptions import BotoCoreError, ClientError
 
+            from .retry import call
+
             bucket, _ = self._bucket_key("")
             try:
-                self.client.head_bucket(Bucket=bucket)
+                call(self.client.head_bucket, Bucket=bucket, what=f"cannot write to {self.dest}: bucket {bucket}")
             except (ClientError, BotoCoreError) as exc:
                 raise EtlError(f"cannot write to {self.dest}: bucket {bucket} is not reachable ({_aws_reason(exc)})") from None
             return
@@ -73,12 +78,16 @@ class Store:
     def write(self, rel: str, data: bytes) -> None:
         from .retry import storage
 
-        storage(self._write, rel, data, what=self.url(rel))
+        storage(self._write, rel, data, what=f"writing {self.url(rel)}")
 
     def _write(self, rel: str, data: bytes) -> None:
         if self.s3:
-            bucket, key = self._bucket_key(rel)
-            self.client.put_object(Bucket=bucket, Key=key, Body=data) if len(data) < 64 << 20 else self._multipart(rel, data)
+            from smart_open import open as sopen
+
+            # One PUT for a chunk of usual size; a multipart upload in parts of _PART for anything larger.
+            params = {"client": self.client, "multipart_upload": len(data) > _PART, "min_part_size": _PART}
+            with sopen(self.url(rel), "wb", transport_params=params) as f:
+                f.write(data)
             return
         path = os.path.join(self.dest, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -87,16 +96,10 @@ class Store:
             f.write(data)
         os.replace(tmp, path)
 
-    def _multipart(self, rel: str, data: bytes) -> None:
-        from smart_open import open as sopen
-
-        with sopen(self.url(rel), "wb", transport_params={"client": self.client}) as f:
-            f.write(data)
-
     def read(self, rel: str) -> bytes:
         from .retry import storage
 
-        return storage(self._read, rel, what=self.url(rel))
+        return storage(self._read, rel, what=f"reading {self.url(rel)}")
 
     def _read(self, rel: str) -> bytes:
         if self.s3:
@@ -106,18 +109,23 @@ class Store:
             return f.read()
 
     def exists(self, rel: str) -> bool:
-        if self.s3:
-            from botocore.exceptions import ClientError
+        if not self.s3:
+            return os.path.exists(os.path.join(self.dest, rel))
+        from .retry import storage
 
-            bucket, key = self._bucket_key(rel)
-            try:
-                self.client.head_object(Bucket=bucket, Key=key)
-                return True
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
-                raise EtlError(f"cannot read {self.url(rel)}: {_aws_reason(exc)}") from None
-        return os.path.exists(os.path.join(self.dest, rel))
+        return storage(self._exists, rel, what=f"reading {self.url(rel)}")
+
+    def _exists(self, rel: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._bucket_key(rel)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
 
 
 def _aws_reason(exc: Exception) -> str:
@@ -149,17 +157,33 @@ class PackageWriter:
             raise EtlError(f"{self.store.dest} already holds a different export ({_describe(existing.get('identity'))}); "
                            "choose another destination")
         if self.store.exists("_state/identity.json"):
-            if json.loads(self.store.read("_state/identity.json")) != self.identity:
+            begun = json.loads(self.store.read("_state/identity.json"))
+            if begun.get("identity") != self.identity:
                 raise EtlError(f"{self.store.dest} holds an unfinished export of something else; choose another destination")
+            self.started = begun["started"]  # a resumed export began when its first run did
         else:
-            self.store.write("_state/identity.json", json.dumps(self.identity).encode())
+            self.store.write("_state/identity.json", json.dumps({"identity": self.identity, "started": self.started}).encode())
         return True
 
     def table_state(self, table: str) -> dict[str, Any]:
+        """Where an interrupted export of ``table`` stands: the chunks already written that still
+        read back with their sha256, and the key after the last of them."""
         rel = f"_state/{table}.json"
-        if self.store.exists(rel):
-            return json.loads(self.store.read(rel))
-        return {"chunks": [], "last_key": None, "done": False}
+        if not self.store.exists(rel):
+            return {"chunks": [], "last_key": None, "done": False}
+        state = json.loads(self.store.read(rel))
+        for i, chunk in enumerate(state["chunks"]):
+            if not self._intact(chunk):
+                log.warning("%s: chunk %s is missing or differs from its sha256; exporting again from there",
+                            table, self.store.url(chunk["file"]))
+                del state["chunks"][i:]
+                state["last_key"] = state["chunks"][-1]["last_key"] if state["chunks"] else None
+                state["done"] = False
+                break
+        return state
+
+    def _intact(self, chunk: dict) -> bool:
+        return self.store.exists(chunk["file"]) and hashlib.sha256(self.store.read(chunk["file"])).hexdigest() == chunk["sha256"]
 
     def write_chunk(self, table: str, state: dict, batch: pa.RecordBatch, last_key) -> dict:
         n = len(state["chunks"])
@@ -167,7 +191,7 @@ class PackageWriter:
         data = parquet_bytes(batch)
         self.store.write(rel, data)
         state["chunks"].append({"file": rel, "rows": batch.num_rows, "sha256": hashlib.sha256(data).hexdigest(),
-                                "bytes": len(data)})
+                                "bytes": len(data), "last_key": last_key})
         state["last_key"] = last_key
         self.store.write(f"_state/{table}.json", json.dumps(state).encode())
         return state["chunks"][-1]
@@ -176,8 +200,8 @@ class PackageWriter:
         state["done"] = True
         state["schema"] = schema_to_json(schema)
         self.store.write(f"_state/{table}.json", json.dumps(state).encode())
-        self.tables[table] = {"schema": state["schema"], "chunks": state["chunks"],
-                              "rows": sum(c["rows"] for c in state["chunks"])}
+        self.tables[table] = {"schema": state["schema"], "rows": sum(c["rows"] for c in state["chunks"]),
+                              "chunks": [{k: v for k, v in c.items() if k != "last_key"} for c in state["chunks"]]}
 
     def commit(self, info: dict[str, Any]) -> dict:
         manifest = {"manifest_version": MANIFEST_VERSION, "engine_version": __version__, "identity": self.identity,
@@ -223,9 +247,10 @@ class Package:
             raise EtlError(f"chunk {self.store.url(chunk['file'])} is corrupt or truncated (sha256 differs from the manifest)")
         return data
 
-    def chunks(self, table: str) -> Iterator[tuple[pa.RecordBatch, str, str]]:
+    def chunks(self, table: str, first: int = 0, stop: int | None = None) -> Iterator[tuple[pa.RecordBatch, str, str]]:
+        """The table's chunks ``[first, stop)`` (all by default): an import DAG loads a table in parts."""
         schema = schema_from_json(self.manifest["tables"][table]["schema"])
-        for chunk in self.manifest["tables"][table]["chunks"]:
+        for chunk in self.manifest["tables"][table]["chunks"][first:stop]:
             data = self._checked(chunk)
             try:
                 t = pq.read_table(io.BytesIO(data), schema=schema)
