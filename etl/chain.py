@@ -141,8 +141,8 @@ class Chain:
         """The steps that turn ``source`` data into ``target`` data, oldest first; none for the same version."""
         src, dst = catalog.version_key(source), catalog.version_key(target)
         if dst < src:
-            raise UsageError(f"the target, Airflow {target}, is older than the source, Airflow {source}: "
-                             "history only moves to the same or a newer Airflow")
+            raise EtlError(f"the target, Airflow {target}, is older than the source, Airflow {source}: "
+                           "history only moves to the same or a newer Airflow")
         if src < catalog.version_key(self.base):
             raise UsageError(f"Airflow {source} is older than {self.base}, the oldest version this engine maps from")
         return [s for s in self.steps if src < catalog.version_key(s.version) <= dst]

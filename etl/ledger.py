@@ -8,6 +8,11 @@ written in the chunk's own transaction, like Alembic's version row, so a crash l
 the chunk and its ledger rows or neither. The map also rewrites references (xcom.dag_run_id,
 task_instance.job_id, ...) to the target's ids.
 
+The map is stored as runs (source ids s..s+n-1 became target ids t..t+n-1), not a row per row:
+Airflow's ids come from sequences and the loader reserves target ids in blocks, so a chunk of
+consecutive source ids is one run, and the ledger costs a row per chunk instead of doubling the
+writes of the biggest tables (job, log, task_instance_history).
+
 ``_etl_chunk`` records each loaded chunk (source, table, sha256) so that a re-run skips whole
 chunks without reading the target, and so that people can audit what came from where.
 """
@@ -33,12 +38,13 @@ CHUNKS = sa.Table(
 )
 
 ID_MAP = sa.Table(
-    "_etl_id_map",
+    "_etl_id_run",
     META,
     sa.Column("source", sa.String(32), primary_key=True),
     sa.Column("table_name", sa.String(100), primary_key=True),
     sa.Column("source_id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("target_id", sa.BigInteger, nullable=False),
+    sa.Column("length", sa.BigInteger, nullable=False),
 )
 
 
@@ -63,45 +69,57 @@ def record_chunk(conn: sa.Connection, source: str, table: str, sha256: str, chun
                                         loaded_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
 
 
-class IdMap:
-    """source id -> target id for one table, held as two sorted int64 arrays (about 16 bytes a row)."""
+def runs(source_ids: np.ndarray, target_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source starts, target starts, lengths) of the runs in which both ids count up by one."""
+    order = np.argsort(source_ids, kind="stable")
+    src, dst = source_ids[order].astype(np.int64), target_ids[order].astype(np.int64)
+    if len(src) == 0:
+        return src, dst, np.empty(0, np.int64)
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [len(src)]]))
+    return src[starts], dst[starts], lengths
 
-    def __init__(self, source_ids: np.ndarray | None = None, target_ids: np.ndarray | None = None):
-        self.src = np.empty(0, np.int64) if source_ids is None else source_ids
-        self.dst = np.empty(0, np.int64) if target_ids is None else target_ids
-        self._sort()
+
+class IdMap:
+    """source id -> target id for one table, held as sorted runs (24 bytes a run, a run per chunk or so)."""
+
+    def __init__(self, src: np.ndarray | None = None, dst: np.ndarray | None = None, length: np.ndarray | None = None):
+        self.src = np.empty(0, np.int64) if src is None else src
+        self.dst = np.empty(0, np.int64) if dst is None else dst
+        self.length = np.empty(0, np.int64) if length is None else length
+        order = np.argsort(self.src, kind="stable")
+        self.src, self.dst, self.length = self.src[order], self.dst[order], self.length[order]
 
     @classmethod
     def read(cls, conn: sa.Connection, source: str, table: str) -> IdMap:
         if not present(conn):
             return cls()
-        rows = conn.execute(sa.select(ID_MAP.c.source_id, ID_MAP.c.target_id)
+        rows = conn.execute(sa.select(ID_MAP.c.source_id, ID_MAP.c.target_id, ID_MAP.c.length)
                             .where(ID_MAP.c.source == source, ID_MAP.c.table_name == table)).all()
         if not rows:
             return cls()
         arr = np.array(rows, dtype=np.int64)
-        return cls(arr[:, 0].copy(), arr[:, 1].copy())
-
-    def _sort(self) -> None:
-        order = np.argsort(self.src, kind="stable")
-        self.src, self.dst = self.src[order], self.dst[order]
+        return cls(arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy())
 
     def __len__(self) -> int:
-        return len(self.src)
+        return int(self.length.sum())
 
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, target ids) for ``ids``; target ids are 0 where not found."""
         if len(self.src) == 0:
             return np.zeros(len(ids), bool), np.zeros(len(ids), np.int64)
-        pos = np.searchsorted(self.src, ids)
-        pos_c = np.minimum(pos, len(self.src) - 1)
-        found = self.src[pos_c] == ids
-        return found, np.where(found, self.dst[pos_c], 0)
+        pos = np.searchsorted(self.src, ids, side="right") - 1
+        pos_c = np.maximum(pos, 0)
+        offset = ids - self.src[pos_c]
+        found = (pos >= 0) & (offset < self.length[pos_c])
+        return found, np.where(found, self.dst[pos_c] + offset, 0)
 
-    def extend(self, source_ids: np.ndarray, target_ids: np.ndarray) -> None:
-        self.src = np.concatenate([self.src, source_ids.astype(np.int64)])
-        self.dst = np.concatenate([self.dst, target_ids.astype(np.int64)])
-        self._sort()
+    def extend(self, source_ids: np.ndarray, target_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Add pairs; returns them as runs, the form the ledger stores."""
+        new = runs(source_ids, target_ids)
+        self.__init__(*(np.concatenate([old, add]) for old, add in zip((self.src, self.dst, self.length), new)))
+        return new
 
 
 class IdMaps:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from typing import Iterator, Protocol
 
 import pyarrow as pa
@@ -41,51 +42,70 @@ class Source(Protocol):
 def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report, progress=None, dry_run: bool = False) -> None:
     """Load every table of ``source`` into ``target``; each chunk commits on its own."""
     names = sorted(source.tables(), key=tables.load_rank)
-    for name in ("variable", "connection"):
+    for name in rekeyer.tables:
         if name in names and rekeyer.active:
             for chunk in source.chunks(name):
                 rekeyer.check(name, chunk.batch)
     target.prepare()
     keys = _DRY if dry_run else _REAL
     matched: dict[str, int] = {}
-    for name in names:
-        loaders = {}
-        report.table(name).add("source", 0)
-        def mapped(name=name):
+    loaders: dict = {}
+
+    def mapped():
+        """Read and map table after table, so the next table's first chunk is ready when one ends."""
+        for name in names:
+            yield name, None, ()
             for chunk in source.chunks(name):
                 outputs = []
                 for out_name, out in mapper.map(name, chunk.batch):
                     if target.has(out_name):
                         out = rekeyer.rekey(out_name, target.conform(out_name, out))
                     outputs.append((out_name, out))
-                yield chunk, outputs
+                yield name, chunk, outputs
 
-        for chunk, outputs in prefetch(mapped()):
-            report.table(name).add("source", chunk.batch.num_rows)
-            for out_name, out in outputs:
-                out_report = report.table(out_name)
-                if not target.has(out_name):
-                    out_report.add("not_in_target", out.num_rows)
-                    continue
-                loader = loaders.get(out_name) or loaders.setdefault(out_name, target.loader(out_name))
-                try:
-                    result = loader.load(out, chunk.sha256, chunk.name)
-                except EtlError:
-                    raise
-                except Exception as exc:
-                    raise EtlError(f"{out_name}, chunk {chunk.name}: {_first_line(exc)}") from exc
-                out_report.add(keys["inserted"], result.inserted)
-                out_report.add(keys["existing"], result.existing)
-                out_report.add(keys["updated"], result.updated)
-                if result.quarantined:
-                    out_report.add("quarantined", result.quarantined)
-                matched[out_name] = matched.get(out_name, 0) + result.existing + result.updated
-                if progress:
-                    progress.advance(out_name, out.num_rows)
-        for out_name, loader in loaders.items():
-            if dry_run:
-                report.table(out_name).add("only_in_target", max(loader.count_at_start - matched.get(out_name, 0), 0))
+    seconds = report.info.setdefault("seconds_per_table", {})
+    current, started = None, time.perf_counter()
+    for name, chunk, outputs in prefetch(mapped()):
+        if chunk is None:  # a new table starts: close the last one's counts
+            _close(loaders, report, matched, dry_run)
+            if current:
+                seconds[current] = round(time.perf_counter() - started, 3)
+            current, started = name, time.perf_counter()
+            report.table(name).add("source", 0)
+            continue
+        report.table(name).add("source", chunk.batch.num_rows)
+        for out_name, out in outputs:
+            out_report = report.table(out_name)
+            if not target.has(out_name):
+                out_report.add("not_in_target", out.num_rows)
+                continue
+            loader = loaders.get(out_name) or loaders.setdefault(out_name, target.loader(out_name))
+            try:
+                result = loader.load(out, chunk.sha256, chunk.name)
+            except EtlError:
+                raise
+            except Exception as exc:
+                raise EtlError(f"{out_name}, chunk {chunk.name}: {_first_line(exc)}") from exc
+            out_report.add(keys["inserted"], result.inserted)
+            out_report.add(keys["existing"], result.existing)
+            out_report.add(keys["updated"], result.updated)
+            if result.quarantined:
+                out_report.add("quarantined", result.quarantined)
+            matched[out_name] = matched.get(out_name, 0) + result.existing + result.updated
+            if progress:
+                progress.advance(out_name, out.num_rows)
+    _close(loaders, report, matched, dry_run)
+    if current:
+        seconds[current] = round(time.perf_counter() - started, 3)
     target.finish()
+
+
+def _close(loaders: dict, report: Report, matched: dict, dry_run: bool) -> None:
+    """A table's loaders are done: a dry run counts the target's rows that no source row matched."""
+    for out_name, loader in loaders.items():
+        if dry_run:
+            report.table(out_name).add("only_in_target", max(loader.count_at_start - matched.get(out_name, 0), 0))
+    loaders.clear()
 
 
 def prefetch(items: Iterator, depth: int = 1) -> Iterator:

@@ -1,7 +1,8 @@
-"""Fernet re-keying of variables and connections, in memory only.
+"""Fernet re-keying of variables, connections and trigger kwargs, in memory only.
 
 Airflow encrypts ``variable.val``, ``connection.password`` and ``connection.extra`` with the
-deployment's Fernet key (a comma list is a MultiFernet: the first key encrypts, all decrypt).
+deployment's Fernet key (a comma list is a MultiFernet: the first key encrypts, all decrypt),
+and since 2.9 (revision 1949afb29106) ``trigger.kwargs`` too.
 A new deployment usually has a new key, so values are decrypted with the source's keys and
 re-encrypted with the target's, never written anywhere in clear. The new token reuses the old
 token's timestamp and an IV derived from the old token, so re-running a migration produces the
@@ -18,10 +19,13 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from .errors import EtlError, UsageError
 
-#: (table, value column, flag column saying the value is encrypted, column that names the row)
+#: (table, value column, flag column saying the value is encrypted, column that names the row).
+#: trigger has no flag: Airflow reads kwargs starting with "{" as plain JSON (written before 2.9,
+#: or without a Fernet key), anything else as a token.
 ENCRYPTED = {
     "variable": [("val", "is_encrypted", "key")],
     "connection": [("password", "is_encrypted", "conn_id"), ("extra", "is_extra_encrypted", "conn_id")],
+    "trigger": [("kwargs", None, "id")],
 }
 
 
@@ -38,6 +42,9 @@ def _multi(keys: str, which: str) -> tuple[MultiFernet, list[Fernet]]:
 class Rekeyer:
     """Decrypts with the source keys and encrypts with the target's first key."""
 
+    #: The tables whose source values ``check`` reads before anything is written.
+    tables = tuple(ENCRYPTED)
+
     def __init__(self, source_keys: str | None, target_keys: str | None):
         if bool(source_keys) != bool(target_keys):
             raise UsageError("give both --source-fernet-key and --target-fernet-key, or neither (ciphertext is then copied as is)")
@@ -51,8 +58,9 @@ class Rekeyer:
     def check(self, table: str, batch: pa.RecordBatch) -> None:
         """Fail before anything is written if a source value does not decrypt, naming the row, not the value."""
         for value_col, flag_col, name_col in self._columns(table, batch):
-            for value, flag, name in zip(*(batch.column(c).to_pylist() for c in (value_col, flag_col, name_col))):
-                if flag and value:
+            names = batch.column(name_col).to_pylist()
+            for value, encrypted, name in zip(batch.column(value_col).to_pylist(), self._flags(batch, value_col, flag_col), names):
+                if encrypted:
                     try:
                         self.source.decrypt(value.encode())
                     except InvalidToken:
@@ -61,8 +69,7 @@ class Rekeyer:
     def rekey(self, table: str, batch: pa.RecordBatch) -> pa.RecordBatch:
         for value_col, flag_col, _ in self._columns(table, batch):
             values = batch.column(value_col).to_pylist()
-            flags = batch.column(flag_col).to_pylist()
-            new = [self._reencrypt(v) if f and v else v for v, f in zip(values, flags)]
+            new = [self._reencrypt(v) if f else v for v, f in zip(values, self._flags(batch, value_col, flag_col))]
             i = batch.schema.get_field_index(value_col)
             batch = batch.set_column(i, batch.schema.field(i), pa.array(new, batch.schema.field(i).type))
         return batch
@@ -70,7 +77,14 @@ class Rekeyer:
     def _columns(self, table: str, batch: pa.RecordBatch):
         if not self.active:
             return []
-        return [c for c in ENCRYPTED.get(table, []) if all(n in batch.schema.names for n in c)]
+        return [c for c in ENCRYPTED.get(table, []) if all(n in batch.schema.names for n in c if n)]
+
+    @staticmethod
+    def _flags(batch: pa.RecordBatch, value_col: str, flag_col: str | None) -> list[bool]:
+        values = batch.column(value_col).to_pylist()
+        if flag_col is None:
+            return [bool(v) and not v.startswith("{") for v in values]
+        return [bool(f and v) for v, f in zip(values, batch.column(flag_col).to_pylist())]
 
     def _reencrypt(self, token: str) -> str:
         raw = token.encode()

@@ -7,7 +7,10 @@ independently of any one Airflow version.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import uuid
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import sqlalchemy as sa
@@ -109,3 +112,49 @@ def test_dry_run_predicts_the_load_and_writes_nothing(engine):
     assert {t: (r.inserted, r.existing) for t, r in predicted.items()} == {t: (r.inserted, r.existing) for t, r in actual.items()}
     after, _ = _load_all(engine, chunk_suffix="-again", dry_run=True)
     assert sum(r.inserted for r in after.values()) == 0
+
+
+def test_id_map_runs_know_exactly_the_loaded_ids():
+    idmap = ledger.IdMap()
+    s, d, n = idmap.extend(np.array([5, 3, 4, 9, 10, 12]), np.array([102, 100, 101, 103, 104, 200]))
+    assert (s.tolist(), d.tolist(), n.tolist()) == ([3, 9, 12], [100, 103, 200], [3, 2, 1])
+    idmap.extend(np.array([11]), np.array([105]))
+    found, target = idmap.lookup(np.array([2, 3, 5, 6, 8, 9, 10, 11, 12, 13]))
+    assert found.tolist() == [False, True, True, False, False, True, True, True, True, False]
+    assert target[found].tolist() == [100, 102, 103, 104, 105, 200]
+    assert len(idmap) == 7
+
+
+def test_binary_copy_keeps_every_postgresql_type(pg_url):
+    """Each type Airflow's tables use, through the binary COPY encoder and back, NULLs and edges included."""
+    from sqlalchemy.dialects import postgresql as pg
+
+    engine = urls.open_engine(pg_url)
+    meta = sa.MetaData()
+    table = sa.Table("typed", meta, sa.Column("i", sa.Integer), sa.Column("b", sa.BigInteger), sa.Column("s", sa.SmallInteger),
+                     sa.Column("f", pg.DOUBLE_PRECISION), sa.Column("ok", sa.Boolean), sa.Column("ts", sa.DateTime(timezone=True)),
+                     sa.Column("naive", sa.DateTime), sa.Column("txt", sa.Text), sa.Column("v", sa.String(20)),
+                     sa.Column("j", sa.JSON), sa.Column("jb", pg.JSONB), sa.Column("u", pg.UUID), sa.Column("by", pg.BYTEA))
+    meta.create_all(engine)
+    ids = [str(uuid.uuid4()), "00000000-0000-0000-0000-000000000001"]
+    values = {
+        "i": ([1, None, -5], pa.int32()), "b": ([2**40, None, -1], pa.int64()), "s": ([3, -3, None], pa.int16()),
+        "f": ([1.5, None, float("inf")], pa.float64()), "ok": ([True, False, None], pa.bool_()),
+        "ts": ([NOW, None, dt.datetime(1999, 12, 31, 23, 59, 59, 1, tzinfo=UTC)], pa.timestamp("us", "UTC")),
+        "naive": ([dt.datetime(2024, 1, 1), None, dt.datetime(1970, 1, 1, 0, 0, 0, 5)], pa.timestamp("us")),
+        "txt": (["héllo ☃", "", None], pa.string()), "v": ([None, "x", "y" * 20], pa.string()),
+        "j": (['{"a": 1}', None, "[1]"], pa.string()), "jb": (['{"a": [1, 2]}', None, '"s"'], pa.string()),
+        "u": ([ids[0], None, ids[1]], pa.string()), "by": ([b"\x00\x01\xff", b"", None], pa.binary()),
+    }
+    batch = pa.record_batch({k: pa.array(v, t) for k, (v, t) in values.items()})
+    with engine.begin() as conn:
+        assert dialect_for(engine).insert(conn, table, batch) == 3
+    with engine.connect() as conn:
+        got = [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(table.c.i.nulls_last()))]
+    engine.dispose()
+    expected = sorted((dict(zip(values, row)) for row in zip(*(v for v, _ in values.values()))),
+                      key=lambda r: (r["i"] is None, r["i"] or 0))
+    for row in expected:
+        row["j"], row["jb"] = (None if v is None else json.loads(v) for v in (row["j"], row["jb"]))
+        row["u"] = None if row["u"] is None else uuid.UUID(row["u"])
+    assert got == expected

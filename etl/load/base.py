@@ -35,10 +35,12 @@ NATURAL_KEYS = {
 #: References that carry no foreign key in Airflow's schema but point at rows we re-number.
 SOFT_REFERENCES = {
     "task_instance": {"job_id": "job", "queued_by_job_id": "job"},
-    "task_instance_history": {"job_id": "job", "queued_by_job_id": "job"},
-    "dag_run": {"creating_job_id": "job"},
+    "task_instance_history": {"job_id": "job", "queued_by_job_id": "job", "trigger_id": "trigger"},
+    "dag_run": {"creating_job_id": "job", "scheduled_by_job_id": "job"},
     "trigger": {"triggerer_id": "job"},
     "xcom": {"dag_run_id": "dag_run"},  # keyed by the run's id since 2.3, with no foreign key to it
+    "dataset_event": {"dataset_id": "dataset"},  # events outlive their dataset: no foreign key
+    "asset_event": {"asset_id": "asset"},
 }
 
 Quarantine = Callable[[str, pa.RecordBatch, str], None]
@@ -81,7 +83,9 @@ def describe(table: sa.Table, inspector: sa.Inspector) -> TargetTable:
             key = next((u for u in uniques if "run_id" in u), uniques[0])
     refs = []
     for fk in table.foreign_keys:
-        if fk.column.name == "id" and fk.parent.name != "id":
+        # A key declared twice (2.10.5's dataset_alias_dataset has ds_dsa_alias_id and
+        # dataset_alias_dataset_alias_id_fkey) must not rewrite its column twice.
+        if fk.column.name == "id" and fk.parent.name != "id" and all(r.column != fk.parent.name for r in refs):
             refs.append(Ref(fk.parent.name, fk.column.table.name, fk.parent.nullable))
     for col, target in SOFT_REFERENCES.get(table.name, {}).items():
         if col in table.c and all(r.column != col for r in refs):
@@ -160,7 +164,7 @@ class TableLoader:
         if target.surrogate == "uuid":
             # Pairs where the target already had the row under another UUID; dependents follow them.
             self.uuid_map = uuid_maps.setdefault(target.name, {})
-        self._fake_id = 0
+        self._fake_id = -2_000_000_000  # counts up from here: stand-ins form runs and fit an INTEGER column
         with engine.begin() as conn:
             if target.surrogate == "int" and not dry_run:
                 # A target whose sequence lags behind max(id) would hand out ids that exist.
@@ -282,7 +286,7 @@ class TableLoader:
         if batch.num_rows:
             if self.dry_run:
                 # Stand-in ids, so that dependants of would-be-inserted rows resolve in the dry run.
-                ids = -np.arange(self._fake_id + 1, self._fake_id + 1 + batch.num_rows, dtype=np.int64)
+                ids = np.arange(self._fake_id, self._fake_id + batch.num_rows, dtype=np.int64)
                 self._fake_id += batch.num_rows
             else:
                 ids = self.dialect.reserve_ids(conn, self.t.table, batch.num_rows, self.exclusive)
@@ -294,11 +298,11 @@ class TableLoader:
         if new_src and self.dry_run:
             idmap.extend(np.concatenate(new_src), np.concatenate(new_dst))
         elif new_src:
-            s, d = np.concatenate(new_src), np.concatenate(new_dst)
+            s, d, n = idmap.extend(np.concatenate(new_src), np.concatenate(new_dst))
             self.dialect.insert(conn, ledger.ID_MAP, pa.record_batch({
                 "source": pa.array([self.source] * len(s)), "table_name": pa.array([self.t.name] * len(s)),
-                "source_id": pa.array(s, pa.int64()), "target_id": pa.array(d, pa.int64())}))
-            idmap.extend(s, d)
+                "source_id": pa.array(s, pa.int64()), "target_id": pa.array(d, pa.int64()),
+                "length": pa.array(n, pa.int64())}))
 
     def _load_uuid(self, conn: sa.Connection, batch: pa.RecordBatch, result: ChunkResult) -> None:
         if batch.num_rows == 0:

@@ -1,4 +1,4 @@
-"""PostgreSQL: COPY for every row that reaches the server, then ``INSERT ... ON CONFLICT`` from a temp table.
+"""PostgreSQL: binary COPY for every row that reaches the server, then ``INSERT ... ON CONFLICT`` from a temp table.
 
 COPY is the only path that keeps up with PostgreSQL's own dump and restore; a temporary table
 lets the conflict handling stay one set-based statement built by SQLAlchemy's dialect insert.
@@ -6,23 +6,24 @@ lets the conflict handling stay one set-based statement built by SQLAlchemy's di
 from __future__ import annotations
 
 import numpy as np
-import psycopg
 import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from .arrowcsv import to_csv
+from .. import drivers
+from . import pgbinary
 from .base import Dialect
 
 
-_SLICE = 5_000
+#: COPY payload handed to the driver at a time: a chunk's is never whole in memory.
+_PART_BYTES = 1 << 20
 
 
 class PostgreSQL(Dialect):
     name = "postgresql"
 
     def insert(self, conn: sa.Connection, table: sa.Table, batch: pa.RecordBatch) -> int:
-        self._copy(conn, _qualified(conn, table), batch)
+        self._copy(conn, _qualified(conn, table), table, batch)
         return batch.num_rows
 
     def upsert(self, conn, table, batch, key, update):
@@ -62,21 +63,15 @@ class PostgreSQL(Dialect):
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {prep.quote(name)}")
         conn.exec_driver_sql(f"CREATE TEMP TABLE {prep.quote(name)} ON COMMIT DROP AS "
                              f"SELECT {cols} FROM {_qualified(conn, table)} WITH NO DATA")
-        self._copy(conn, prep.quote(name), batch)
+        self._copy(conn, prep.quote(name), table, batch)
         return sa.table(name, *(sa.column(c) for c in batch.schema.names))
 
-    def _copy(self, conn: sa.Connection, target: str, batch: pa.RecordBatch) -> None:
+    def _copy(self, conn: sa.Connection, target: str, table: sa.Table, batch: pa.RecordBatch) -> None:
+        """``table`` has the column types of ``target`` (itself, or the temp table made from it)."""
         prep = conn.dialect.identifier_preparer
         cols = ", ".join(prep.quote(c) for c in batch.schema.names)
-        raw = conn.connection.dbapi_connection
-        statement = f"COPY {target} ({cols}) FROM STDIN (FORMAT csv)"
-        try:
-            with raw.cursor() as cur, cur.copy(statement) as copy:
-                for start in range(0, batch.num_rows, _SLICE):  # a chunk's CSV is never whole in memory
-                    copy.write(to_csv(batch.slice(start, _SLICE)))
-        except psycopg.Error as exc:
-            # Raised past SQLAlchemy, so wrap it the way SQLAlchemy would (IntegrityError and friends).
-            raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
+        parts = pgbinary.stream(batch, pgbinary.encoders(table, batch.schema.names), _PART_BYTES)
+        drivers.copy_in(conn, f"COPY {target} ({cols}) FROM STDIN (FORMAT binary)", parts)
 
 
 def _qualified(conn: sa.Connection, table: sa.Table) -> str:

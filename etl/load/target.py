@@ -6,16 +6,26 @@ version or a missing table is found while the target is still untouched.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from .. import ledger, tables, urls, versions
+from .. import catalog, ledger, tables, urls, versions
 from ..errors import EtlError
 from .base import Quarantine, TableLoader, describe, dialect_for
 
 #: Airflow's own default for scheduler_health_check_threshold is 30 s; allow a missed beat.
 SCHEDULER_ALIVE = dt.timedelta(seconds=60)
+
+#: Task instance UUIDs that Airflow 3.0 and 3.1 keep as 36-character text off PostgreSQL
+#: (``String(36)``); 3.2's revision f8c9d7e6b5a4 rewrites them to the 32-character hex that
+#: every other UUID column (sqlalchemy_utils ``UUIDType(binary=False)``, then ``sa.Uuid``) holds there.
+DASHED_BEFORE_3_2 = {
+    ("task_instance", "id"), ("task_instance_history", "task_instance_id"), ("task_instance_note", "ti_id"),
+    ("task_reschedule", "ti_id"), ("hitl_detail", "ti_id"), ("hitl_detail_history", "ti_history_id"),
+}
 
 
 class Target:
@@ -23,12 +33,12 @@ class Target:
                  update: bool = False, force: bool = False, dry_run: bool = False, quarantine: Quarantine):
         self.url = url
         self.engine = urls.open_engine(url, create=create)
-        if create and not sa.inspect(self.engine).get_table_names():
-            if not version:
-                raise EtlError(f"target {urls.redacted(url)} is empty: give --target-version to create its schema")
-            from .. import catalog
-
-            catalog.create_empty(self.engine, version)
+        # An empty target gets its schema in prepare(), once the source's keys and version passed.
+        self.empty = create and not sa.inspect(self.engine).get_table_names()
+        if self.empty and not version:
+            raise EtlError(f"target {urls.redacted(url)} is empty: give --target-version to create its schema")
+        if self.empty and dry_run:
+            raise EtlError(f"target {urls.redacted(url)} is empty: a dry run has nothing to compare with")
         self.version, self.revision = versions.detect_version(self.engine, override=version)
         self.forced = force
         if not force and not dry_run:
@@ -36,23 +46,28 @@ class Target:
         self.dry_run = dry_run
         self.dialect = dialect_for(self.engine)
         self.source_key, self.update, self.quarantine = source_key, update, quarantine
+        self.uuid_maps: dict[str, dict[str, str]] = {}
+        self.touched: set[str] = set()
+        self._reflect()
+
+    def _reflect(self) -> None:
         self.inspector = sa.inspect(self.engine)
         self.names = set(self.inspector.get_table_names())
         self.meta = sa.MetaData()
         self.described = {}
+        self._reflecting = threading.Lock()
         loadable_int = {n for n in self.names if tables.is_default(n) and self._surrogate(n) == "int"}
-        self.id_maps = ledger.IdMaps(self.engine, source_key, loadable_int)
-        self.uuid_maps: dict[str, dict[str, str]] = {}
-        self.touched: set[str] = set()
+        self.id_maps = ledger.IdMaps(self.engine, self.source_key, loadable_int)
 
     def _surrogate(self, name: str) -> str | None:
         return self.describe(name).surrogate
 
     def describe(self, name: str):
-        if name not in self.described:
-            table = sa.Table(name, self.meta, autoload_with=self.engine)
-            self.described[name] = describe(table, self.inspector)
-        return self.described[name]
+        # The pipeline's reading thread conforms batches while the loading thread opens loaders.
+        with self._reflecting:
+            if name not in self.described:
+                self.described[name] = describe(sa.Table(name, self.meta, autoload_with=self.engine), self.inspector)
+            return self.described[name]
 
     def has(self, name: str) -> bool:
         return name in self.names
@@ -63,7 +78,12 @@ class Target:
                            self.id_maps, self.uuid_maps, self.quarantine, dry_run=self.dry_run, exclusive=not self.forced)
 
     def prepare(self) -> None:
-        """The ledger tables, created only once every check has passed and writing begins."""
+        """The schema of an empty target and the ledger tables, created only once every check has
+        passed and writing begins."""
+        if self.empty:
+            catalog.create_empty(self.engine, self.version)
+            self.empty = False
+            self._reflect()
         if not self.dry_run:
             ledger.ensure(self.engine)
 
@@ -79,7 +99,33 @@ class Target:
             surrogate = col.primary_key and col.name == "id"
             if col.name not in keep and not col.nullable and col.server_default is None and not surrogate:
                 raise EtlError(f"target column {name}.{col.name} is NOT NULL and the source gives no value for it")
-        return batch.select(keep)
+        batch = batch.select(keep)
+        for col in self._uuid_columns(name):
+            if col in keep:
+                i = batch.schema.get_field_index(col)
+                batch = batch.set_column(i, batch.schema.field(i), self._uuid_format(name, col, batch.column(i)))
+        return batch
+
+    def _uuid_columns(self, name: str) -> list[str]:
+        schema = catalog.load(self.version)
+        if name not in schema.tables:
+            return []
+        return [c["name"] for c in schema.columns(name) if c["type"].upper() == "UUID"]
+
+    def _uuid_format(self, table: str, column: str, values: pa.Array) -> pa.Array:
+        """UUIDs as the target's Airflow writes them: PostgreSQL's uuid text, elsewhere 32 hex
+        digits, except the task instance ids that only 3.2 turned from dashed to hex."""
+        text = values.cast(pa.string())
+        hexed = pc.utf8_lower(pc.replace_substring(text, "-", ""))
+        dashed = self.dialect.name == "postgresql" or (
+            catalog.version_key(self.version) < (3, 2) and (table, column) in DASHED_BEFORE_3_2)
+        if dashed:
+            parts = [pc.utf8_slice_codeunits(hexed, a, b) for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))]
+            new = pc.binary_join_element_wise(*parts, "-")
+        else:
+            new = hexed
+        # Anything that is not a UUID stays as it is, for the server to refuse with its own message.
+        return pc.if_else(pc.equal(pc.utf8_length(hexed), 32), new, text).cast(values.type)
 
     def finish(self) -> None:
         """Move every id generator the load touched past max(id)."""
