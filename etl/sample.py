@@ -61,6 +61,9 @@ class History:
             return False
         return column is None or any(c["name"] == column for c in self.schema.columns(table))
 
+    def nullable(self, table: str, column: str) -> bool:
+        return any(c["name"] == column and c["nullable"] for c in self.schema.columns(table))
+
     def ctype(self, table: str, column: str) -> str:
         return next(c["type"] for c in self.schema.columns(table) if c["name"] == column).upper()
 
@@ -88,13 +91,21 @@ class History:
                  ("http_api", "http", "api.example.com", "tok", None)]
         if self.faults and self.v < (2,):
             conns.append(("postgres_default", "postgres", "old.internal", "pw0", None))  # 1.10 had no unique conn_id
+            conns.append(("typeless", None, "x.internal", None, None))  # nor a required conn_type
+        if self.faults:  # NULLs the ORM never wrote but old databases hold (Airflow 3.2's 888b59e02a5b fills them)
+            if self.nullable("variable", "val"):
+                out["variable"].append({"id": 5, "key": "unset", "val": None, "is_encrypted": None, "description": None})
+            if self.nullable("slot_pool", "slots"):
+                out["slot_pool"].append({"id": 4, "pool": "legacy_pool", "slots": None, "description": None,
+                                         "include_deferred": False})
         for i, (cid, ctype, host, pw, extra) in enumerate(conns):
             enc = self.fernet is not None
             out["connection"].append({"id": i + 1, "conn_id": cid, "conn_type": ctype, "host": host, "schema": "", "login": "airflow",
                                       "password": self.encrypt(pw) if enc and pw else pw, "port": 5432 if ctype == "postgres" else None,
                                       "extra": self.encrypt(extra) if enc and extra else extra, "is_encrypted": bool(enc and pw),
                                       "is_extra_encrypted": bool(enc and extra), "description": None})
-        out["dag"] = [{"dag_id": d, "is_paused": i == 2, "is_active": True, "is_stale": False, "fileloc": f"/dags/{d}.py",
+        unset = self.faults and self.nullable("dag", "is_paused")
+        out["dag"] = [{"dag_id": d, "is_paused": None if unset and i == 4 else i == 2, "is_active": True, "is_stale": False, "fileloc": f"/dags/{d}.py",
                        "owners": "airflow", "bundle_name": "dags-folder", "timetable_type": "CronTriggerTimetable",
                        "max_active_tasks": 16, "max_active_runs": 16, "max_consecutive_failed_dag_runs": 0,
                        "has_task_concurrency_limits": False, "schedule_interval": '"@daily"', "timetable_summary": "@daily"}
@@ -110,8 +121,13 @@ class History:
                        "executor_class": "LocalExecutor", "hostname": "scheduler-0", "unixname": "airflow"}]
         datasets = "asset" if self.has("asset") else "dataset" if self.has("dataset") else None
         if datasets:
+            names = ("raw", "clean", "retired") if self.faults else ("raw", "clean")
             out[datasets] = [{"id": i + 1, "uri": f"s3://lake/{n}", "name": f"s3://lake/{n}", "group": "asset", "extra": "{}",
-                              "created_at": ANCHOR, "updated_at": ANCHOR, "is_orphaned": False} for i, n in enumerate(("raw", "clean"))]
+                              "created_at": ANCHOR, "updated_at": ANCHOR, "is_orphaned": n == "retired"} for i, n in enumerate(names)]
+            alias = "asset_alias" if self.has("asset_alias") else "dataset_alias" if self.has("dataset_alias") else None
+            if alias and self.faults:  # with the faults, to leave the plain sample as other tests know it
+                out[alias] = [{"id": 1, "name": "lake-any", "group": "asset"}]
+                out[alias + ("_asset" if alias == "asset_alias" else "_dataset")] = [{"alias_id": 1, "dataset_id": 1, "asset_id": 1}]
         return out
 
     def encrypt(self, value: str) -> str:
@@ -142,6 +158,13 @@ class History:
                 add("task_instance", {"task_id": "orphan", "dag_id": dag_id, "execution_date": orphan, "state": "success",
                                       "try_number": 1, "max_tries": 0, "pool": "default_pool", "pool_slots": 1, "queue": "default"})
                 add("xcom", self._xcom(n, "orphan", -1, run, orphan, "return_value", 1))
+                keys = {"task_id": "orphan", "dag_id": dag_id, "execution_date": orphan}
+                add("task_reschedule", {**keys, "id": self.next_id("task_reschedule"), "try_number": 1, "start_date": orphan,
+                                        "end_date": orphan, "duration": 1, "reschedule_date": orphan})
+                add("task_fail", {**keys, "id": self.next_id("task_fail"), "start_date": orphan, "end_date": orphan, "duration": 1})
+                add("rendered_task_instance_fields", {**keys, "rendered_fields": "{}"})
+                add("dag_run", {"id": self.next_id("dag_run"), "dag_id": dag_id, "execution_date": orphan - dt.timedelta(hours=1),
+                                "run_id": None, "run_type": "manual", "state": "success", "external_trigger": False})
         return out
 
     def _run(self, n: int, dag_id: str, logical: dt.datetime) -> dict:
@@ -157,6 +180,8 @@ class History:
         conf: Any = {"n": n, "who": "ünïcode"} if kind == "manual" else None
         if self.faults and n % 17 == 0 and self.ctype("dag_run", "conf").startswith("BYTEA"):
             conf = {"ratio": float("nan")}  # pickled confs can carry NaN; JSON columns cannot
+        if self.faults and n % 17 in (6, 11) and self.ctype("dag_run", "conf").startswith("BYTEA"):
+            conf = {"when": logical} if n % 17 == 6 else {}  # a datetime JSON cannot hold; Airflow 3's "empty" pickle
         run = {"id": self.next_id("dag_run"), "dag_id": dag_id, "execution_date": logical, "logical_date": logical,
                "state": state, "run_id": run_id, "external_trigger": kind == "manual", "run_type": kind,
                "conf": self._conf(conf, n), "start_date": logical + dt.timedelta(minutes=1),
@@ -173,7 +198,7 @@ class History:
         if self.ctype("dag_run", "conf").startswith("BYTEA"):
             if self.faults and n % 19 == 0:
                 return _foreign_pickle()
-            return pickle.dumps(conf, protocol=2)
+            return pickle.dumps(conf, protocol=5 if conf == {} else 2)
         return json.dumps(conf, allow_nan=True)
 
     def _task_instances(self, n: int, t: int, run: dict, logical: dt.datetime):
@@ -186,13 +211,13 @@ class History:
                 state = "sensing"  # smart sensors, until 2.4 removed them
             if self.has("trigger") and (n + t) % 53 == 0:
                 state = "deferred"
-            tries = 1 + (n + t) % 3 if state else 0
+            tries = 1 + (n + t) % 3 if state else None if self.faults and self.nullable("task_instance", "try_number") else 0
             started = logical + dt.timedelta(minutes=2 + t, microseconds=mi + 1) if state not in (None, "scheduled", "queued", "removed") else None
             ti = {"task_id": task_id, "dag_id": run["dag_id"], "run_id": run["run_id"], "execution_date": logical,
                   "map_index": mi, "start_date": started, "end_date": started + dt.timedelta(seconds=37) if started else None,
-                  "duration": 37.5 if started else None, "state": state, "try_number": tries, "max_tries": 2,
+                  "duration": 37.5 if started else None, "state": state, "try_number": tries, "max_tries": None if tries is None else 2,
                   "hostname": "worker-1" if started else "", "unixname": "airflow", "pool": ("default_pool", "etl_pool", "ml_pool")[t % 3],
-                  "pool_slots": 1 if t % 4 else 2, "queue": "default" if t % 5 else "gpu", "priority_weight": TASKS_PER_RUN - t,
+                  "pool_slots": None if tries is None and self.v < (2,) else 1 if t % 4 else 2, "queue": "default" if t % 5 else "gpu", "priority_weight": TASKS_PER_RUN - t,
                   "operator": ("PythonOperator", "BashOperator", "S3KeySensor")[t % 3], "queued_dttm": logical + dt.timedelta(minutes=1),
                   "pid": 4000 + t if started else None, "executor_config": self._executor_config(t),
                   "custom_operator_name": None, "updated_at": logical, "task_display_name": task_id,
@@ -228,11 +253,15 @@ class History:
             add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "big", "x" * 100_000))
             add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "unicode", "naïve ☃ 🚀 中文"))
             add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "empty", ""))
+            if self.faults and self.v >= (2,) and self.ctype("xcom", "value").startswith("BYTEA"):
+                add("xcom", self._xcom(n, ti["task_id"], mi, run, logical, "ratio", {"r": float("nan")}))  # json.dumps: NaN
+                add("xcom", {**self._xcom(n, ti["task_id"], mi, run, logical, "blank", None), "value": b""})
         if t % 2 == 0 and started:
             add("log", {"id": self.next_id("log"), "dttm": ti["end_date"], "dag_id": run["dag_id"], "task_id": ti["task_id"],
-                        "map_index": mi, "event": state or "", "execution_date": logical, "logical_date": logical,
+                        "map_index": mi, "execution_date": logical, "logical_date": logical,
                         "run_id": run["run_id"], "owner": "airflow", "owner_display_name": None,
-                        "extra": None if t % 4 else '{"host_name": "worker-1"}', "try_number": ti["try_number"]})
+                        "extra": None if t % 4 else '{"host_name": "worker-1"}', "try_number": ti["try_number"],
+                        "event": None if self.faults and t == 4 and self.nullable("log", "event") else state or ""})
         if state == "failed" and self.has("task_fail"):
             add("task_fail", {"id": self.next_id("task_fail"), "task_id": ti["task_id"], "dag_id": run["dag_id"], "execution_date": logical,
                               "run_id": run["run_id"], "map_index": mi, "start_date": started, "end_date": ti["end_date"], "duration": 37})
@@ -253,7 +282,7 @@ class History:
             for upstream in ("task_18",):
                 add("task_map", {"dag_id": run["dag_id"], "task_id": upstream, "run_id": run["run_id"], "map_index": -1,
                                  "length": 3, "keys": None})
-        if self.has("task_instance_history") and ti["try_number"] > 1 and started:
+        if self.has("task_instance_history") and started and ti["try_number"] > 1:
             hist = {k: v for k, v in ti.items()}
             hist.update(try_number=ti["try_number"] - 1, state="failed", id=self.next_id("task_instance_history"))
             if self.has("task_instance_history", "task_instance_id"):
@@ -261,7 +290,9 @@ class History:
             add("task_instance_history", hist)
         if ti.get("trigger_id"):
             add("trigger", {"id": ti["trigger_id"], "classpath": "airflow.triggers.temporal.DateTimeTrigger",
-                            "kwargs": json.dumps({"moment": {"__type": "datetime", "__var": logical.timestamp()}}),
+                            # BaseSerialization's form, which Airflow 2.9's 1949afb29106 deserializes
+                            "kwargs": json.dumps({"__var": {"moment": {"__type": "datetime", "__var": logical.timestamp()}},
+                                                  "__type": "dict"}),
                             "created_date": logical, "triggerer_id": None})
         events = "asset_event" if self.has("asset_event") else "dataset_event" if self.has("dataset_event") else None
         if events and state == "success" and t == 5 and n % 4 == 0:
@@ -271,6 +302,8 @@ class History:
                          "timestamp": ti["end_date"]})
             link = "dagrun_asset_event" if events == "asset_event" else "dagrun_dataset_event"
             add(link, {"dag_run_id": run["id"], "event_id": eid})
+            if self.faults:
+                add("asset_alias_asset_event" if events == "asset_event" else "dataset_alias_dataset_event", {"alias_id": 1, "event_id": eid})
 
     def _xcom(self, n: int, task_id: str, mi: int, run: dict, logical: dt.datetime, key: str, value: Any) -> dict:
         vtype = self.ctype("xcom", "value")
@@ -333,12 +366,16 @@ class _Writer:
         order = [t for t in ("dag_bundle", "slot_pool", "variable", "connection", "dag", "log_template", "job", "trigger",
                              "dataset", "asset", "dag_run", "dag_run_note", "task_instance", "task_instance_note", "task_map",
                              "task_instance_history", "task_reschedule", "task_fail", "xcom", "rendered_task_instance_fields",
-                             "sla_miss", "log", "dataset_event", "asset_event", "dagrun_dataset_event", "dagrun_asset_event")
+                             "sla_miss", "log", "dataset_event", "asset_event", "dagrun_dataset_event", "dagrun_asset_event",
+                             "dataset_alias", "asset_alias", "dataset_alias_dataset", "asset_alias_asset",
+                             "dataset_alias_dataset_event", "asset_alias_asset_event")
                  if rows.get(t) and self.h.has(t)]
         with self.engine.begin() as conn:
             for name in order:
                 batch = self._batch(name, rows[name])
                 self.dialect.insert(conn, self._table(name), batch)
+                if "id" in self._table(name).c and isinstance(self._table(name).c.id.type, sa.Integer):
+                    self.dialect.repair_sequence(conn, self._table(name))  # as a live database's sequences stand
                 self.counts[name] = self.counts.get(name, 0) + batch.num_rows
 
     def _table(self, name: str) -> sa.Table:

@@ -14,12 +14,13 @@ airflow_revisions = ("7582ea3f3dd5",)
 
 @reproduces("7582ea3f3dd5")
 def dag(batch, ctx):
-    """bundle_name 'example_dags' when fileloc LIKE '%/airflow/example_dags/%', else 'dags-folder'; the bundles
-    named are created (dag_bundle rows), as the migration inserts them."""
+    """bundle_name 'example_dags' when fileloc LIKE '%/airflow/example_dags/%', else 'dags-folder'; dag_bundle rows
+    'example_dags' and 'dags-folder', which the migration inserts whether or not a DAG names them, and any other
+    bundle a DAG names."""
     examples = pc.match_like(column(batch, "fileloc", pa.string()), "%/airflow/example_dags/%")
     bundle = where(examples, "example_dags", pa.repeat(pa.scalar("dags-folder"), batch.num_rows))
     batch = put(batch, "bundle_name", pc.coalesce(column(batch, "bundle_name", pa.string()), bundle))
-    names = pc.unique(batch.column("bundle_name"))
+    names = pc.unique(pa.concat_arrays([pa.array(["example_dags", "dags-folder"]), batch.column("bundle_name")]))
     bundles = pa.record_batch({"name": names, ROW: pa.repeat(pa.scalar(-1, pa.int64()), len(names))})
     return {"dag_bundle": bundles, "dag": batch}
 

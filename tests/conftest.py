@@ -52,11 +52,16 @@ class Server:
         except sa.exc.DBAPIError:
             return False
 
-    def create(self, prefix: str = "etl_test") -> str:
+    def create(self, prefix: str = "etl_test", template: str | None = None) -> str:
+        """A new database; on PostgreSQL optionally a copy of ``template`` (a URL this server created)."""
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         with self.engine.connect() as conn:
             if self.backend == "mysql":
                 conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+            elif template:
+                source = sa.engine.make_url(template).database
+                assert source in self.created, "tests copy only the databases they created"
+                conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
             else:
                 conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
         self.created.append(name)

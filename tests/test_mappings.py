@@ -407,8 +407,8 @@ def test_3_2_nulls_get_the_migration_values():
 def test_dag_rows_get_what_3_1_to_3_3_add():
     m = mapper("3.0.6", "3.3.2")
     out = run(m, "dag", {"dag_id": "d", "is_paused": None})
-    assert out["dag_bundle"] == [{"name": "dags-folder", "active": None, "version": None, "last_refreshed": None,
-                                  "signed_url_template": None, "template_params": None}]
+    empty = {"active": None, "version": None, "last_refreshed": None, "signed_url_template": None, "template_params": None}
+    assert out["dag_bundle"] == [{"name": "example_dags", **empty}, {"name": "dags-folder", **empty}]  # as 7582ea3f3dd5
     dag = out["dag"][0]
     assert (dag["bundle_name"], dag["is_paused"], dag["is_stale"], dag["timetable_type"], dag["partition_mapper_info"]) == \
         ("dags-folder", False, False, "", "[]")

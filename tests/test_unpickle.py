@@ -9,9 +9,12 @@ import sys
 import types
 import zoneinfo
 
+import pyarrow.parquet as pq
 import pytest
+import sqlalchemy as sa
 
-from etl import unpickle
+from etl import sample, unpickle, urls
+from helpers import report, rows
 
 #: Pickles made by the libraries in the Airflow 2.2.5 and 3.3.2 virtualenvs, with what they must become.
 REAL = [
@@ -190,3 +193,23 @@ def test_unreadable_bytes_are_a_different_error():
     for data in (b"", b"\x80\x05}", b"not a pickle", pickle.dumps([1, 2])[:-3]):
         with pytest.raises(unpickle.PickleUnreadable):
             unpickle.loads(data)
+
+
+def test_a_migrated_conf_pickle_that_would_create_a_file_creates_none_and_is_quarantined(tmp_path):
+    """End to end: a 2.x dag run whose conf would run ``touch`` when loaded, migrated to 3.x by the CLI."""
+    created = tmp_path / "created-by-the-pickle"
+    source, target = f"sqlite:///{tmp_path / 'source.db'}", f"sqlite:///{tmp_path / 'target.db'}"
+    engine = urls.open_engine(source, create=True)
+    sample.sample(engine, "2.10.5", dag_runs=3, seed=1)
+    with engine.begin() as conn:
+        run_id = conn.execute(sa.text("SELECT run_id FROM dag_run ORDER BY id LIMIT 1")).scalar_one()
+        conn.execute(sa.text("UPDATE dag_run SET conf = :c WHERE run_id = :r"),
+                     {"c": pickle.dumps({"p": _System(str(created))}), "r": run_id})
+    engine.dispose()
+    migrated = report("migrate", "--source", source, "--target", target, "--target-version", "3.3.2",
+                      "--via", str(tmp_path / "via"))
+    assert not created.exists()
+    assert dict(rows(target, "dag_run", ["run_id", "conf"]))[run_id] is None  # the run is kept, its conf is not
+    [kept] = [pq.read_table(f).to_pylist() for f in (tmp_path / "via" / "quarantine" / "dag_run.conf").glob("*.parquet")]
+    assert [(r["run_id"], "posix.system" in r["reason"]) for r in kept] == [(run_id, True)]
+    assert migrated["tables"]["dag_run.conf"]["quarantined"] == 1
