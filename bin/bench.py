@@ -4,13 +4,18 @@ Absolute times on a shared two-core machine drift from run to run, so every figu
 matters is a ratio against a baseline measured minutes apart in the same run:
 
 - raw: ``COPY t TO STDOUT (FORMAT binary) | COPY t FROM STDIN (FORMAT binary)`` per table, into an
-  empty target made from the same schema (PostgreSQL's own limit for moving these rows);
+  empty target made from the same schema (PostgreSQL's own limit for moving these rows), and
+  ``COPY t TO STDOUT (FORMAT binary)`` alone, the limit for an export;
 - migrate: our direct migration into an empty target;
 - export + import: through moto's S3 server over HTTP;
 - upgrade: a 1.10.15 source of the same size, our migration to 2.10.5 against a template copy of
-  it upgraded in place by real Airflow 2.10.5's ``airflow db migrate``.
+  it upgraded in place by real Airflow 2.10.5's ``airflow db migrate``;
+- memory (``--rows`` above 1M): peak RSS of migrate, export and import at that size against the
+  same jobs at 1M, which must stay within 20%.
 
-Peak RSS is the child process's own maximum (``wait4``), not the bench's.
+Sources are ANALYZEd after sampling, as autovacuum would have done in a live deployment (the
+project's servers run without it), so that Airflow's own upgrade is not timed on a planner
+without statistics. Peak RSS is the child process's own maximum (``wait4``), not the bench's.
 """
 from __future__ import annotations
 
@@ -80,6 +85,19 @@ def row_counts(url: str) -> dict[str, int]:
     return {t: n for t, n in counts.items() if n}
 
 
+def raw_out(source: str, names: list[str]) -> dict[str, float]:
+    """psql COPY out into /dev/null, table by table: what an export cannot beat."""
+    src = urls.normalize(source)
+    times = {}
+    for name in names:
+        start = time.perf_counter()
+        with open(os.devnull, "wb") as sink:
+            subprocess.run(["psql", "-qAt", "-h", src.host, "-U", src.username, "-d", src.database, "-c",
+                            f'COPY "{name}" TO STDOUT (FORMAT binary)'], stdout=sink, check=True)
+        times[name] = time.perf_counter() - start
+    return times
+
+
 def raw_pipe(source: str, target: str, names: list[str]) -> dict[str, float]:
     """psql COPY out piped into psql COPY in, table by table, as a DBA would do it by hand."""
     src, dst = urls.normalize(source), urls.normalize(target)
@@ -124,27 +142,26 @@ def main() -> int:
     result: dict = {"rows": args.rows, "machine": {"cores": os.cpu_count(), "memory_gib": _mem_gib()},
                     "date": time.strftime("%Y-%m-%d")}
     try:
-        dag_runs = max(1, args.rows // 20)
-        source = empty(server, "src", "2.10.5")
-        t, _, _ = measured(CLI + ["sample", "--airflow-version", "2.10.5", "--target", source, "--dag-runs", str(dag_runs)])
-        result["sample_seconds"] = round(t, 1)
+        source, result["sample_seconds"] = sampled(server, "src", "2.10.5", args.rows)
         counts = row_counts(source)
         result["source_rows"] = counts
 
+        out = raw_out(source, list(counts))
+        result["raw_out"] = {"seconds": round(sum(out.values()), 2), "tables": {k: round(v, 2) for k, v in out.items()}}
         raw_target = empty(server, "raw", "2.10.5")
         raw = raw_pipe(source, raw_target, list(counts))
         result["raw"] = {"seconds": round(sum(raw.values()), 2), "tables": {k: round(v, 2) for k, v in raw.items()}}
 
-        target = empty(server, "ours", "2.10.5")
-        t, rss, out = measured(CLI + ["migrate", "--source", source, "--target", target, "--json"])
-        result["migrate"] = {"seconds": round(t, 2), "ratio_to_raw": round(t / result["raw"]["seconds"], 3),
-                             "peak_rss_mb": rss, "report": json.loads(out)["tables"]}
-
+        result["migrate"] = migrate(server, source)
+        result["migrate"]["ratio_to_raw"] = round(result["migrate"]["seconds"] / result["raw"]["seconds"], 3)
         result["export_import"] = export_import(server, source)
         result["export_import"]["ratio_to_raw"] = round(result["export_import"]["seconds"] / result["raw"]["seconds"], 3)
+        result["export_import"]["export_speed_vs_raw_out"] = round(result["raw_out"]["seconds"] / result["export_import"]["export_seconds"], 3)
 
         if not args.skip_airflow:
-            result["upgrade_1_10_15"] = upgrade_comparison(server, dag_runs)
+            result["upgrade_1_10_15"] = upgrade_comparison(server, args.rows)
+        if args.rows > 1_000_000:
+            result["memory"] = memory_check(server, result)
     finally:
         server.drop_all()
     if args.json:
@@ -152,6 +169,35 @@ def main() -> int:
     else:
         print(render(result))
     return 0
+
+
+def sampled(server: Server, role: str, version: str, rows: int) -> tuple[str, float]:
+    """An empty ``version`` database filled by ``sample`` with about ``rows`` task instances, analyzed."""
+    source = empty(server, role, version)
+    t, _, _ = measured(CLI + ["sample", "--airflow-version", version, "--target", source, "--dag-runs", str(max(1, rows // 20))])
+    engine = sa.create_engine(urls.normalize(source), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+    engine.dispose()
+    return source, round(t, 1)
+
+
+def migrate(server: Server, source: str) -> dict:
+    target = empty(server, "ours", "2.10.5")
+    t, rss, out = measured(CLI + ["migrate", "--source", source, "--target", target, "--json"])
+    report = json.loads(out)
+    return {"seconds": round(t, 2), "peak_rss_mb": rss, "tables": report.get("seconds_per_table", {})}
+
+
+def memory_check(server: Server, big: dict) -> dict:
+    """The same jobs on a 1M-row source: peak RSS must not grow with the size of the history."""
+    source, _ = sampled(server, "src1m", "2.10.5", 1_000_000)
+    small = {"migrate": migrate(server, source)["peak_rss_mb"], **{
+        k: v for k, v in export_import(server, source).items() if k.endswith("rss_mb")}}
+    large = {"migrate": big["migrate"]["peak_rss_mb"], **{k: v for k, v in big["export_import"].items() if k.endswith("rss_mb")}}
+    growth = {k: round(large[k] / small[k] - 1, 3) for k in small}
+    return {"peak_rss_mb_1m": small, f"peak_rss_mb_{big['rows'] // 1_000_000}m": large, "growth": growth,
+            "within_20_percent": all(g <= 0.20 for g in growth.values())}
 
 
 def export_import(server: Server, source: str) -> dict:
@@ -167,48 +213,77 @@ def export_import(server: Server, source: str) -> dict:
         host, port = moto.get_host_and_port()
         env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                "AWS_DEFAULT_REGION": "us-east-1"}
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="bench",
-                     aws_secret_access_key="bench").create_bucket(Bucket="bench")
-        t1, rss1, _ = measured(CLI + ["export", "--source", source, "--to", "s3://bench/run"], env)
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="bench",
+                          aws_secret_access_key="bench")
+        if "bench" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+            s3.create_bucket(Bucket="bench")
+        dest = f"s3://bench/{uuid.uuid4().hex[:8]}"  # moto keeps its buckets for the whole process
+        t1, rss1, _ = measured(CLI + ["export", "--source", source, "--to", dest], env)
         target = empty(server, "imp", "2.10.5")
-        t2, rss2, _ = measured(CLI + ["import", "--from", "s3://bench/run", "--target", target], env)
+        t2, rss2, out = measured(CLI + ["import", "--from", dest, "--target", target, "--json"], env)
     finally:
         moto.stop()
     return {"seconds": round(t1 + t2, 2), "export_seconds": round(t1, 2), "import_seconds": round(t2, 2),
-            "peak_rss_mb": max(rss1, rss2)}
+            "export_peak_rss_mb": rss1, "import_peak_rss_mb": rss2, "import_tables": json.loads(out).get("seconds_per_table", {})}
 
 
-def upgrade_comparison(server: Server, dag_runs: int) -> dict:
+def upgrade_comparison(server: Server, rows: int) -> dict:
     from etl import airflow_release
 
-    source = empty(server, "src110", "1.10.15")
-    measured(CLI + ["sample", "--airflow-version", "1.10.15", "--target", source, "--dag-runs", str(dag_runs)])
+    source, _ = sampled(server, "src110", "1.10.15", rows)
     target = empty(server, "ours110", "2.10.5")
-    ours, rss, _ = measured(CLI + ["migrate", "--source", source, "--target", target])
+    ours, rss, out = measured(CLI + ["migrate", "--source", source, "--target", target, "--json"])
     airflow_release.ensure_venv("2.10.5")
     copy_started = time.perf_counter()
     upgraded = server.create("theirs", template=urls.normalize(source).database)
     airflow_release.migrate_db("2.10.5", upgraded)
     theirs = time.perf_counter() - copy_started
     return {"ours_seconds": round(ours, 2), "ours_peak_rss_mb": rss, "airflow_db_migrate_seconds": round(theirs, 2),
-            "ratio": round(ours / theirs, 3)}
+            "ratio": round(ours / theirs, 3), "ours_tables": json.loads(out).get("seconds_per_table", {})}
 
 
 def render(r: dict) -> str:
-    lines = [f"bench {r['date']}: {r['rows']:,} task instances, {r['machine']['cores']} cores, {r['machine']['memory_gib']} GiB"]
-    raw = r["raw"]["seconds"]
-    lines.append(f"{'job':<28}{'seconds':>10}{'ratio':>8}{'peak RSS MB':>13}")
-    lines.append(f"{'raw COPY pipe':<28}{raw:>10.2f}{1.0:>8.2f}{'':>13}")
-    m = r["migrate"]
-    lines.append(f"{'migrate':<28}{m['seconds']:>10.2f}{m['ratio_to_raw']:>8.2f}{m['peak_rss_mb']:>13}")
-    e = r["export_import"]
-    lines.append(f"{'export + import (S3)':<28}{e['seconds']:>10.2f}{e['ratio_to_raw']:>8.2f}{e['peak_rss_mb']:>13}")
+    raw, counts = r["raw"]["seconds"], r["source_rows"]
+    lines = [f"bench {r['date']}: {r['rows']:,} task instances requested, {r['machine']['cores']} cores, "
+             f"{r['machine']['memory_gib']} GiB; {sum(counts.values()):,} rows in {len(counts)} tables"]
+    lines.append(f"{'job':<34}{'seconds':>10}{'ratio':>8}{'peak RSS MB':>13}  target")
+    row = lambda name, sec, ratio, rss="", goal="": lines.append(f"{name:<34}{sec:>10.2f}{ratio:>8.2f}{rss:>13}  {goal}")
+    row("raw COPY pipe", raw, 1.0)
+    m, e = r["migrate"], r["export_import"]
+    row("migrate", m["seconds"], m["ratio_to_raw"], m["peak_rss_mb"],
+        _goal(m["ratio_to_raw"] <= 1.25, "<= 1.25") + ", " + _goal(m["peak_rss_mb"] < 300, "< 300 MB"))
+    row("export + import (S3)", e["seconds"], e["ratio_to_raw"], max(e["export_peak_rss_mb"], e["import_peak_rss_mb"]),
+        _goal(e["ratio_to_raw"] <= 1.5, "<= 1.5") + ", " +
+        _goal(max(e["export_peak_rss_mb"], e["import_peak_rss_mb"]) < 300, "< 300 MB"))
+    row("raw COPY out (to /dev/null)", r["raw_out"]["seconds"], 1.0)
+    row("export alone (S3)", e["export_seconds"], e["export_seconds"] / r["raw_out"]["seconds"], e["export_peak_rss_mb"],
+        _goal(e["export_speed_vs_raw_out"] >= 1 / 3, f"speed {e['export_speed_vs_raw_out']:.2f} of raw >= 0.33"))
     if "upgrade_1_10_15" in r:
         u = r["upgrade_1_10_15"]
-        lines.append(f"{'1.10.15 -> 2.10.5 ours':<28}{u['ours_seconds']:>10.2f}{u['ratio']:>8.2f}{u['ours_peak_rss_mb']:>13}")
-        lines.append(f"{'1.10.15 -> 2.10.5 airflow':<28}{u['airflow_db_migrate_seconds']:>10.2f}{1.0:>8.2f}{'':>13}")
-    lines.append("per table, raw seconds: " + ", ".join(f"{k} {v}" for k, v in r["raw"]["tables"].items()))
+        row("1.10.15 -> 2.10.5 airflow db migrate", u["airflow_db_migrate_seconds"], 1.0)
+        row("1.10.15 -> 2.10.5 ours", u["ours_seconds"], u["ratio"], u["ours_peak_rss_mb"], _goal(u["ratio"] < 1, "< 1"))
+    old = r.get("upgrade_1_10_15", {}).get("ours_tables", {})
+    lines.append(f"per table: seconds, ratio to the raw pipe of the table (migrate: also rows/s){'':>6}"
+                 f"{'import':>15}{'from 1.10.15':>15}")
+    lines.append(f"{'table':<30}{'rows':>10}{'raw':>7}{'migrate':>9}{'rows/s':>9}{'ratio':>6}{'s':>8}{'ratio':>7}{'s':>8}{'ratio':>7}")
+    for name, n in counts.items():
+        base = r["raw"]["tables"].get(name)
+        ours, imp, up = m["tables"].get(name), e["import_tables"].get(name), old.get(name)
+        if base is None or ours is None:
+            continue
+        cell = lambda v: f"{v:>8.2f}{v / max(base, 1e-9):>7.2f}" if v is not None else f"{'':>15}"
+        lines.append(f"{name:<30}{n:>10,}{base:>7.2f}{ours:>9.2f}{n / max(ours, 1e-9):>9,.0f}{ours / max(base, 1e-9):>6.2f}"
+                     f"{cell(imp)}{cell(up)}")
+    if "memory" in r:
+        mem = r["memory"]
+        lines.append("peak RSS MB at 1M vs this size: " + ", ".join(
+            f"{k} {mem['peak_rss_mb_1m'][k]} -> {v} ({mem['growth'][k]:+.0%})" for k, v in list(mem.values())[1].items())
+            + f"; {_goal(mem['within_20_percent'], 'within 20%')}")
     return "\n".join(lines)
+
+
+def _goal(met: bool, what: str) -> str:
+    return f"{'met' if met else 'MISSED'} ({what})"
 
 
 def _mem_gib() -> int:
