@@ -102,8 +102,8 @@ def _lean_memory() -> None:
     Arrow's jemalloc keeps freed chunks for reuse, and glibc gives every thread that allocates
     (reader, loader, Arrow's CSV workers) an arena of its own and raises its mmap threshold
     after each large free, so a chunk-sized buffer freed in one arena is not reused by the
-    next. One allocator, two arenas and large buffers always mapped and unmapped measured
-    466 MB -> 314 MB peak on the same migration (README, benchmarks).
+    next. One allocator, two arenas and large buffers always mapped and unmapped took a
+    220k task-instance migration from 466 MB to 232 MB peak (with 4 MiB chunks; DEVELOPERS.md).
     """
     import ctypes
 
