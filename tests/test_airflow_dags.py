@@ -250,7 +250,7 @@ def test_export_dag_then_import_dag_move_the_history(pg_server, s3_bucket, s3_en
     new_url = pg_server.create("etl_af_new", template=old_url)
     old_key, new_key = _fernet_key(), _fernet_key()
     _clear(old_url, "slot_pool", "log_template", "connection")  # the sample brings its own (db init adds defaults)
-    cli("sample", "--airflow-version", version, "--target", old_url, "--dag-runs", "30", "--seed", "5", "--fernet-key", old_key)
+    cli("sample", "--airflow-version", version, "--target", old_url, "--dag-runs", "30", "--seed", "5", f"--fernet-key={old_key}")
     dest = f"s3://{s3_bucket}/history"
     common = {"AWS_ENDPOINT_URL": s3_endpoint, "AIRFLOW_VAR_AIRFLOW_HISTORY_DEST": dest}
 

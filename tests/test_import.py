@@ -464,13 +464,13 @@ def test_trigger_kwargs_are_rekeyed_and_a_wrong_key_stops_before_writing(pg_url,
     tgt = _empty(sqlite_url)
     untouched = _state(tgt)
     # KEY_OLD decrypts every variable and connection, but not the trigger encrypted with the other key
-    out = cli("migrate", "--source", src, "--target", tgt, "--source-fernet-key", KEY_OLD, "--target-fernet-key", KEY_NEW,
+    out = cli("migrate", "--source", src, "--target", tgt, f"--source-fernet-key={KEY_OLD}", f"--target-fernet-key={KEY_NEW}",
               check=False)
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert "cannot decrypt trigger.kwargs of id=" in out.stderr
     assert _state(tgt) == untouched
 
-    keys = ("--source-fernet-key", f"{KEY_OLD},{other}", "--target-fernet-key", KEY_NEW)
+    keys = (f"--source-fernet-key={KEY_OLD},{other}", f"--target-fernet-key={KEY_NEW}")
     rep = report("migrate", "--source", src, "--target", tgt, *keys)
     assert rep["tables"]["trigger"]["inserted"] == len(clear)
     loaded = _loaded_kwargs(tgt)
@@ -487,8 +487,8 @@ def test_airflow_reads_rekeyed_trigger_kwargs_with_its_own_key(pg_url, tmp_path)
     _triggers(src, KEY_OLD, other)
     tgt = f"sqlite:///{tmp_path / 'airflow.db'}"
     airflow_release.migrate_db("2.10.5", tgt)
-    report("migrate", "--source", src, "--target", tgt, "--source-fernet-key", f"{KEY_OLD},{other}",
-           "--target-fernet-key", KEY_NEW)
+    report("migrate", "--source", src, "--target", tgt, f"--source-fernet-key={KEY_OLD},{other}",
+           f"--target-fernet-key={KEY_NEW}")
     code = ("from airflow.models.trigger import Trigger\n"
             "from airflow.utils.session import create_session\n"
             "with create_session() as s:\n"
@@ -595,7 +595,7 @@ def test_bad_input_is_one_line_exit_1_and_leaves_the_target_unchanged(pg_url, sq
         assert _state(target) == untouched[target]
 
     wrong = Fernet.generate_key().decode()
-    fails("--source-fernet-key", wrong, "--target-fernet-key", KEY_NEW, says=["cannot decrypt variable.val of key="])
+    fails(f"--source-fernet-key={wrong}", f"--target-fernet-key={KEY_NEW}", says=["cannot decrypt variable.val of key="])
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF
     chunk.write_bytes(bytes(flipped))

@@ -104,11 +104,11 @@ def test_fernet_rekeying_and_wrong_key(pg_url, sqlite_url):
     src = _fill(pg_url, dag_runs=2)
     wrong = Fernet.generate_key().decode()
     out = cli("migrate", "--source", src, "--target", sqlite_url, "--target-version", "2.10.5",
-              "--source-fernet-key", wrong, "--target-fernet-key", KEY_NEW, check=False)
+              f"--source-fernet-key={wrong}", f"--target-fernet-key={KEY_NEW}", check=False)
     assert out.returncode == 1 and "cannot decrypt variable.val" in out.stderr and out.stderr.count("\n") == 1
     assert sa.inspect(urls.open_engine(sqlite_url)).get_table_names() == []  # nothing written, not even the schema
     cli("migrate", "--source", src, "--target", sqlite_url, "--target-version", "2.10.5",
-        "--source-fernet-key", KEY_OLD, "--target-fernet-key", KEY_NEW)
+        f"--source-fernet-key={KEY_OLD}", f"--target-fernet-key={KEY_NEW}")
     old = dict(rows(src, "variable", ["key", "val"]))
     new = dict(rows(sqlite_url, "variable", ["key", "val"]))
     for key, token in new.items():
