@@ -11,6 +11,7 @@ connection, so a 3.x side is reached with ``migrate`` / ``import`` run from a ma
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 
@@ -165,27 +166,18 @@ def export_dag(dag_id: str, dest: str, *, tables: tuple | None = None, exclude_t
     with DAG(**_dag_options(dag_id, dag_options)) as dag:
         @task
         def plan(dest):
-            exporter = job(dest)
-            try:
+            with contextlib.closing(job(dest)) as exporter:
                 return exporter.plan()
-            finally:
-                exporter.close()
 
         @task
         def export_unit(unit, dest):
-            exporter = job(dest)
-            try:
+            with contextlib.closing(job(dest)) as exporter:
                 return exporter.run(unit, pausing.paused(dest) if pausing else None)
-            finally:
-                exporter.close()
 
         @task
         def write_manifest(dest, planned):
-            exporter = job(dest)
-            try:
+            with contextlib.closing(job(dest)) as exporter:
                 return exporter.finish(planned).to_dict()
-            finally:
-                exporter.close()
 
         planned = plan(dest)
         manifest = write_manifest(dest, planned)

@@ -8,6 +8,7 @@ SQLAlchemy to the driver, so both drivers' COPY live here and nowhere else.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import sqlalchemy as sa
@@ -30,23 +31,14 @@ def copy_in(conn: sa.Connection, statement: str, parts: Iterable[bytes]) -> None
     violation), so callers can fall back the same way whichever driver runs.
     """
     raw = conn.connection.dbapi_connection
-    if SQLALCHEMY_2:
-        import psycopg
-
-        try:
+    with _as_sqlalchemy_error(statement):
+        if SQLALCHEMY_2:
             with raw.cursor() as cur, cur.copy(statement) as copy:
                 for part in parts:
                     copy.write(part)
-        except psycopg.Error as exc:
-            raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
-        return
-    import psycopg2
-
-    try:
-        with raw.cursor() as cur:
-            cur.copy_expert(statement, _Reader(parts), size=1 << 20)
-    except psycopg2.Error as exc:
-        raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg2.Error) from exc
+        else:
+            with raw.cursor() as cur:
+                cur.copy_expert(statement, _Reader(parts), size=1 << 20)
 
 
 def copy_out(conn: sa.Connection, statement: str, params: dict, sink) -> None:
@@ -54,23 +46,27 @@ def copy_out(conn: sa.Connection, statement: str, params: dict, sink) -> None:
     the query client-side, writing what the server sends to ``sink`` (a binary file object);
     errors are raised as SQLAlchemy would raise them."""
     raw = conn.connection.dbapi_connection
-    if SQLALCHEMY_2:
-        import psycopg
-
-        try:
+    with _as_sqlalchemy_error(statement):
+        if SQLALCHEMY_2:
             with raw.cursor() as cur, cur.copy(statement, params) as copy:
                 for block in copy:
                     sink.write(block)
-        except psycopg.Error as exc:
-            raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
-        return
-    import psycopg2
+        else:
+            with raw.cursor() as cur:
+                cur.copy_expert(cur.mogrify(statement, params).decode(), sink, size=1 << 20)
 
+
+@contextlib.contextmanager
+def _as_sqlalchemy_error(statement: str):
+    """COPY runs past SQLAlchemy, so its driver errors are wrapped the way SQLAlchemy would wrap them."""
+    if SQLALCHEMY_2:
+        from psycopg import Error
+    else:
+        from psycopg2 import Error
     try:
-        with raw.cursor() as cur:
-            cur.copy_expert(cur.mogrify(statement, params).decode(), sink, size=1 << 20)
-    except psycopg2.Error as exc:
-        raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg2.Error) from exc
+        yield
+    except Error as exc:
+        raise sa.exc.DBAPIError.instance(statement, None, exc, Error) from exc
 
 
 class _Reader:
