@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import time
 from typing import Iterator
 
 import pyarrow as pa
@@ -211,7 +212,9 @@ def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
     from .extract import from_jsonable
     from .pipeline import prefetch
 
+    seconds = report.info.setdefault("seconds_per_table", {})
     for name in src.names:
+        started = time.perf_counter()
         state = writer.table_state(name)
         reader = src.reader(name)
         if not state["done"]:
@@ -230,6 +233,7 @@ def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
         t.add("rows", sum(c["rows"] for c in state["chunks"]))
         t.add("chunks", len(state["chunks"]))
         t.add("bytes", sum(c.get("bytes", 0) for c in state["chunks"]))
+        seconds[name] = round(time.perf_counter() - started, 3)
 
 
 def import_(dest: str, target: str, tables: tuple | None = None, exclude_tables: tuple = (), since: str | None = None,

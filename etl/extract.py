@@ -1,13 +1,15 @@
-"""One source table as keyset-paged Arrow record batches, typed by the catalog.
+"""One source table as Arrow record batches in key order, typed by the catalog.
 
-Keyset pagination (``WHERE key > last ORDER BY key LIMIT n``) keeps every query cheap however
-deep into a table it is, and gives each chunk a resumable position; OFFSET would rescan the
-table for every chunk. Types come from the catalog, so the same table read from PostgreSQL,
+Every chunk ends at a key, its resumable position: the next read is ``WHERE key > last ORDER
+BY key``, which stays cheap however deep into a table it is, where OFFSET would rescan the
+table for every chunk. PostgreSQL streams the rest of the table in one COPY from there;
+MySQL and SQLite read a page (``LIMIT n``) per query. Types come from the catalog, so the same table read from PostgreSQL,
 MySQL or SQLite gives the same Arrow schema: JSON and UUID arrive as text, booleans as
 booleans, timestamps as UTC microseconds.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 from typing import Any, Iterator
@@ -15,12 +17,14 @@ from typing import Any, Iterator
 import pyarrow as pa
 import sqlalchemy as sa
 
-from . import catalog, pgcsv, retry, tables, urls
+from . import catalog, pgcopy, pgcsv, retry, tables, urls
 from .errors import EtlError
 
 
 _SLICE = 2_000
-#: A chunk closes at this many bytes of Arrow data even before ``chunk_rows``.
+#: Average bytes of bytea per row above which a table is read as binary COPY rather than CSV.
+WIDE_BYTES = 1024
+#: A chunk closes at this many bytes (of COPY data on PostgreSQL, of Arrow data elsewhere) even before ``chunk_rows``.
 CHUNK_BYTES = 4 << 20
 
 
@@ -52,7 +56,7 @@ class TableReader:
                       for c in self.columns}
         self.schema = pa.schema([pa.field(c, self.types[c]) for c in self.columns])
         self.key = [c.name for c in self.table.primary_key.columns] or None
-        self._copy_rows = min(chunk_rows, 1_000)
+        self._wide: bool | None = None
 
     def _select_list(self) -> list:
         out = []
@@ -72,8 +76,8 @@ class TableReader:
         return retry.call(count, what=f"table {self.name}: counting rows")
 
     def chunks(self, after: list | None = None) -> Iterator[Chunk]:
-        """Each page is one query, retried on its own when the database drops the connection or
-        fails the transaction; the retry starts again after the last key already yielded."""
+        """Chunks from after the key ``after`` on; a read that the database drops or fails is
+        retried on its own, starting again after the last key already yielded."""
         def where():
             with self.engine.connect() as conn:
                 return self._where(conn)
@@ -81,8 +85,14 @@ class TableReader:
         if self.key is None:
             yield from self._unkeyed(cond)
             return
+        if pgcopy.usable(self.engine):
+            position = {"after": after}
+            yield from retry.generator(lambda: self._streamed(cond, position),
+                                       what=lambda: f"table {self.name}, rows after key {_jsonable_key(position['after'])}")
+            return
         while True:
-            page = retry.call(self._page, cond, after, what=f"table {self.name}, page after key {_jsonable_key(after)}")
+            page = retry.call(self._page, cond, after, self.chunk_rows,
+                              what=f"table {self.name}, page after key {_jsonable_key(after)}")
             if page is None:
                 return
             batch, after, full = page
@@ -90,22 +100,19 @@ class TableReader:
             if batch.num_rows < self.chunk_rows and not full:
                 return
 
-    def _page(self, where: list, after: list | None):
-        """One keyset page: (batch, its last key, closed early by size) or None past the end."""
+    def _after(self, where: list, after: list | None) -> list:
         keycols = [self.table.c[k] for k in self.key]
+        if after is None:
+            return list(where)
+        return [*where, sa.tuple_(*keycols) > sa.tuple_(*[sa.literal(v, type_=c.type) for v, c in zip(after, keycols)])
+                if len(keycols) > 1 else keycols[0] > after[0]]
+
+    def _page(self, where: list, after: list | None, limit: int):
+        """One keyset page through the driver: (batch, its last key, closed early by size) or None past the end."""
         pos = [self.columns.index(k) for k in self.key]
-        cond = list(where)
-        if after is not None:
-            cond.append(sa.tuple_(*keycols) > sa.tuple_(*[sa.literal(v, type_=c.type) for v, c in zip(after, keycols)])
-                        if len(keycols) > 1 else keycols[0] > after[0])
-        query = sa.select(*self._select_list()).where(*cond).order_by(*keycols)
+        query = sa.select(*self._select_list()).where(*self._after(where, after)).order_by(*(self.table.c[k] for k in self.key))
         with self.engine.connect() as conn:
-            if pgcsv.usable(conn):
-                try:
-                    return self._copy_page(conn, query, pos)
-                except pa.ArrowInvalid:
-                    conn.rollback()  # a value Arrow's CSV reader cannot parse: this page goes through the driver
-            result = conn.execution_options(stream_results=True).execute(query.limit(self.chunk_rows))
+            result = conn.execution_options(stream_results=True).execute(query.limit(limit))
             # Python row objects cost ten times their Arrow size: convert them in slices.
             parts, last, size, full = [], None, 0, False
             for part in result.partitions(_SLICE):
@@ -120,24 +127,53 @@ class TableReader:
         batch = pa.Table.from_batches(parts).combine_chunks().to_batches()[0] if len(parts) > 1 else parts[0]
         return batch, [last[i] for i in pos], full
 
-    def _copy_page(self, conn: sa.Connection, query: sa.Select, pos: list[int]):
-        """PostgreSQL: the page through COPY, its row limit set from the previous page's width so
-        that a chunk stays near CHUNK_BYTES (the first page is a small probe)."""
-        # Without statistics (a database autovacuum never analyzed) the planner sorts the whole
-        # table for every page; the primary key's index already gives the order.
-        conn.exec_driver_sql("SET LOCAL enable_sort = off")
-        conn.exec_driver_sql("SET LOCAL enable_incremental_sort = off")
-        # Offsets Arrow parses: a server zone would write 1900's +00:19:32 (Amsterdam's mean time).
-        conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
-        limit = self._copy_rows
-        batch = pgcsv.read(conn, query.limit(limit), self.schema)
-        conn.rollback()
-        if batch.num_rows == 0:
-            return None
-        width = max(1, batch.nbytes // batch.num_rows)
-        self._copy_rows = max(1, min(self.chunk_rows, CHUNK_BYTES // width))
-        last = [batch.column(i)[batch.num_rows - 1].as_py() for i in pos]
-        return batch, last, batch.num_rows == limit
+    def _streamed(self, where: list, position: dict) -> Iterator[Chunk]:
+        """PostgreSQL: the rest of the table in one COPY (CSV, or binary where bytea is wide), in key
+        order, cut into chunks of about CHUNK_BYTES (or ``chunk_rows``); ``position`` follows the
+        last key yielded."""
+        pos = [self.columns.index(k) for k in self.key]
+        with self.engine.connect() as conn, conn.begin():
+            binary = self._wide_bytes(conn)
+            columns = ([pgcopy.wire(self.table.c[c], self.types[c]).label(c) for c in self.columns] if binary
+                       else self._select_list())
+            query = (sa.select(*columns).where(*self._after(where, position["after"]))
+                     .order_by(*(self.table.c[k] for k in self.key)))
+            # Without statistics (a database autovacuum never analyzed) the planner would sort
+            # the whole table; the primary key's index already gives the order.
+            conn.exec_driver_sql("SET LOCAL enable_sort = off")
+            conn.exec_driver_sql("SET LOCAL enable_incremental_sort = off")
+            # Offsets Arrow parses: a server zone would write 1900's +00:19:32 (Amsterdam's mean time).
+            conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
+            # Closed before the transaction ends: the receiving thread holds the connection until then.
+            with contextlib.closing(pgcopy.blocks(conn, query, binary, CHUNK_BYTES, self.chunk_rows)) as stream:
+                for data, ends in stream:
+                    try:
+                        batch = pgcopy.decode(data, ends, self.schema) if binary else pgcsv.parse(data, len(ends), self.schema)
+                    except pa.ArrowInvalid:  # a value Arrow cannot hold as it is ('infinity', a year BC): through the driver
+                        batch = self._driver_rows(where, position["after"], len(ends))
+                    position["after"] = [batch.column(i)[batch.num_rows - 1].as_py() for i in pos]
+                    yield Chunk(batch, [_jsonable(v) for v in position["after"]])
+
+    def _wide_bytes(self, conn: sa.Connection) -> bool:
+        """Whether the table's first thousand rows average more than WIDE_BYTES of bytea (xcom
+        values), which CSV would double into hex; once per reader."""
+        if self._wide is None:
+            sizes = [sa.func.coalesce(sa.func.octet_length(self.table.c[c]), 0)
+                     for c in self.columns if pa.types.is_binary(self.types[c])]
+            self._wide = False
+            if sizes and pgcopy.SUPPORTED:
+                first = sa.select(sum(sizes[1:], sizes[0]).label("size")).select_from(self.table).limit(1000).subquery()
+                self._wide = (conn.execute(sa.select(sa.func.avg(first.c.size))).scalar() or 0) > WIDE_BYTES
+        return self._wide
+
+    def _driver_rows(self, where: list, after: list | None, n: int) -> pa.RecordBatch:
+        """The next ``n`` rows after ``after``, read through the driver."""
+        parts = []
+        while n > 0:
+            batch, after, _ = self._page(where, after, n)
+            parts.append(batch)
+            n -= batch.num_rows
+        return pa.Table.from_batches(parts).combine_chunks().to_batches()[0] if len(parts) > 1 else parts[0]
 
     def _unkeyed(self, where: list) -> Iterator[Chunk]:
         """A table without a primary key (``_airflow_moved__*``) streams in one query: it has no

@@ -13,6 +13,12 @@ Airflow's ids come from sequences and the loader reserves target ids in blocks, 
 consecutive source ids is one run, and the ledger costs a row per chunk instead of doubling the
 writes of the biggest tables (job, log, task_instance_history).
 
+``_etl_deferred`` holds the definitions of the secondary indexes and foreign keys that a load
+into an empty table set aside: PostgreSQL builds an index over loaded rows, and checks a
+foreign key with one join, in a fraction of what maintaining and checking them row by row
+costs. They are written in the transaction that drops them and removed in the one that
+restores them, so a run killed in between leaves the next run, or ``finish``, what to restore.
+
 ``_etl_chunk`` records each loaded chunk (source, table, sha256) so that a re-run skips whole
 chunks without reading the target, and so that people can audit what came from where.
 """
@@ -48,6 +54,16 @@ ID_MAP = sa.Table(
 )
 
 
+DEFERRED = sa.Table(
+    "_etl_deferred",
+    META,
+    sa.Column("table_name", sa.String(100), primary_key=True),
+    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),  # restored in this order
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("definition", sa.Text, nullable=False),
+)
+
+
 def ensure(engine: sa.Engine) -> None:
     """Create the ledger tables; Airflow ignores tables it does not know."""
     META.create_all(engine, checkfirst=True)
@@ -67,6 +83,27 @@ def record_chunk(conn: sa.Connection, source: str, table: str, sha256: str, chun
     conn.execute(CHUNKS.insert().values(source=source, table_name=table, sha256=sha256, chunk=chunk[:200],
                                         rows_in=rows_in, rows_written=written,
                                         loaded_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
+
+
+def deferred(conn: sa.Connection, table: str | None = None) -> dict[str, list[str]]:
+    """Definitions set aside and not yet restored, per table (only ``table``'s if given), in order."""
+    q = sa.select(DEFERRED.c.table_name, DEFERRED.c.definition).order_by(DEFERRED.c.table_name, DEFERRED.c.position)
+    if table is not None:
+        q = q.where(DEFERRED.c.table_name == table)
+    out: dict[str, list[str]] = {}
+    for name, definition in conn.execute(q):
+        out.setdefault(name, []).append(definition)
+    return out
+
+
+def record_deferred(conn: sa.Connection, table: str, definitions: list[tuple[str, str]]) -> None:
+    if definitions:
+        conn.execute(DEFERRED.insert(), [{"table_name": table, "position": i, "name": n, "definition": d}
+                                         for i, (n, d) in enumerate(definitions)])
+
+
+def forget_deferred(conn: sa.Connection, table: str) -> None:
+    conn.execute(DEFERRED.delete().where(DEFERRED.c.table_name == table))
 
 
 def runs(source_ids: np.ndarray, target_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ has been loaded (and re-numbered) before the row itself.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -65,35 +66,41 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
 
     seconds = report.info.setdefault("seconds_per_table", {})
     current, started = None, time.perf_counter()
-    for name, chunk, outputs in prefetch(mapped()):
-        if chunk is None:  # a new table starts: close the last one's counts
-            _close(loaders, report, matched, dry_run)
-            if current:
-                seconds[current] = round(time.perf_counter() - started, 3)
-            current, started = name, time.perf_counter()
-            report.table(name).add("source", 0)
-            continue
-        report.table(name).add("source", chunk.batch.num_rows)
-        for out_name, out in outputs:
-            out_report = report.table(out_name)
-            if not target.has(out_name):
-                out_report.add("not_in_target", out.num_rows)
+    try:
+        for name, chunk, outputs in prefetch(mapped()):
+            if chunk is None:  # a new table starts: close the last one's counts
+                _close(loaders, report, matched, dry_run)
+                if current:
+                    seconds[current] = round(time.perf_counter() - started, 3)
+                current, started = name, time.perf_counter()
+                report.table(name).add("source", 0)
                 continue
-            loader = loaders.get(out_name) or loaders.setdefault(out_name, target.loader(out_name))
-            try:
-                result = loader.load(out, chunk.sha256, chunk.name)
-            except EtlError:
-                raise
-            except Exception as exc:
-                raise EtlError(f"{out_name}, chunk {chunk.name}: {_first_line(exc)}") from exc
-            out_report.add(keys["inserted"], result.inserted)
-            out_report.add(keys["existing"], result.existing)
-            out_report.add(keys["updated"], result.updated)
-            if result.quarantined:
-                out_report.add("quarantined", result.quarantined)
-            matched[out_name] = matched.get(out_name, 0) + result.existing + result.updated
-            if progress:
-                progress.advance(out_name, out.num_rows)
+            report.table(name).add("source", chunk.batch.num_rows)
+            for out_name, out in outputs:
+                out_report = report.table(out_name)
+                if not target.has(out_name):
+                    out_report.add("not_in_target", out.num_rows)
+                    continue
+                loader = loaders.get(out_name) or loaders.setdefault(out_name, target.loader(out_name))
+                try:
+                    result = loader.load(out, chunk.sha256, chunk.name)
+                except EtlError:
+                    raise
+                except Exception as exc:
+                    raise EtlError(f"{out_name}, chunk {chunk.name}: {_first_line(exc)}") from exc
+                out_report.add(keys["inserted"], result.inserted)
+                out_report.add(keys["existing"], result.existing)
+                out_report.add(keys["updated"], result.updated)
+                if result.quarantined:
+                    out_report.add("quarantined", result.quarantined)
+                matched[out_name] = matched.get(out_name, 0) + result.existing + result.updated
+                if progress:
+                    progress.advance(out_name, out.num_rows)
+    except Exception:
+        for loader in loaders.values():  # what a load set aside goes back before the error is reported
+            with contextlib.suppress(Exception):  # the ledger still has them for the next run
+                loader.close()
+        raise
     _close(loaders, report, matched, dry_run)
     if current:
         seconds[current] = round(time.perf_counter() - started, 3)
@@ -101,8 +108,10 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
 
 
 def _close(loaders: dict, report: Report, matched: dict, dry_run: bool) -> None:
-    """A table's loaders are done: a dry run counts the target's rows that no source row matched."""
+    """A table's loaders are done: what they set aside is restored, and a dry run counts the
+    target's rows that no source row matched."""
     for out_name, loader in loaders.items():
+        loader.close()
         if dry_run:
             report.table(out_name).add("only_in_target", max(loader.count_at_start - matched.get(out_name, 0), 0))
     loaders.clear()

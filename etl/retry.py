@@ -7,6 +7,8 @@ one line. After the last try the failure becomes an ``EtlError``.
 from __future__ import annotations
 
 import logging
+import time
+from typing import Callable, Iterator
 
 import sqlalchemy as sa
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -76,6 +78,28 @@ def call(fn, *args, what: str, **kwargs):
         if transient(exc):
             raise EtlError(f"{what}: gave up after {ATTEMPTS} tries: {_reason(exc)}") from exc
         raise
+
+
+def generator(make: Callable[[], Iterator], what: Callable[[], str]) -> Iterator:
+    """The items of ``make()``; when it fails transiently it is made again, and carries on from
+    what was already yielded (``make`` resumes from there). A failure right after a retry
+    counts towards the same ``ATTEMPTS``; an item yielded starts the count again."""
+    failures = 0
+    while True:
+        try:
+            for item in make():
+                failures = 0
+                yield item
+            return
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            failures += 1
+            if failures >= ATTEMPTS:
+                raise EtlError(f"{what()}: gave up after {ATTEMPTS} tries: {_reason(exc)}") from exc
+            pause = min(10.0, 0.5 * 2 ** (failures - 1))  # as _WAIT waits
+            log.warning("%s: retry %d/%d in %.1f s after %s", what(), failures, ATTEMPTS - 1, pause, _reason(exc))
+            time.sleep(pause)
 
 
 def storage(fn, *args, what: str):

@@ -339,17 +339,29 @@ def _foreign_pickle() -> bytes:
 
 def sample(engine: sa.Engine, airflow_version: str, dag_runs: int = 50, seed: int = 0, fernet_key: str | None = None,
            faults: bool = False) -> dict[str, int]:
-    """Fill ``engine``'s database (creating the schema if it has none) and return rows per table."""
-    if not sa.inspect(engine).get_table_names():
+    """Fill ``engine``'s database (creating the schema if it has none) and return rows per table.
+
+    A database it creates is filled without its secondary indexes and foreign keys, restored
+    once at the end, and the next block of runs is generated while the last one is written."""
+    from .pipeline import prefetch
+
+    fresh = not sa.inspect(engine).get_table_names()
+    if fresh:
         catalog.create_empty(engine, airflow_version)
     history = History(airflow_version, seed, fernet_key, faults)
     meta = sa.MetaData()
     writer = _Writer(engine, history, meta)
+    deferred = writer.defer_checks() if fresh else []
     start = history.resume(engine)
     if start == 0:
         writer.write(history.config())
-    for first in range(start, start + dag_runs, BLOCK):
-        writer.write(history.runs(first, min(BLOCK, start + dag_runs - first)))
+    blocks = (history.runs(first, min(BLOCK, start + dag_runs - first)) for first in range(start, start + dag_runs, BLOCK))
+    for rows in prefetch(blocks):
+        writer.write(rows)
+    if deferred:
+        with engine.begin() as conn:
+            for definition in deferred:
+                writer.dialect.restore(conn, definition)
     return writer.counts
 
 
@@ -377,6 +389,11 @@ class _Writer:
                 if "id" in self._table(name).c and isinstance(self._table(name).c.id.type, sa.Integer):
                     self.dialect.repair_sequence(conn, self._table(name))  # as a live database's sequences stand
                 self.counts[name] = self.counts.get(name, 0) + batch.num_rows
+
+    def defer_checks(self) -> list[str]:
+        with self.engine.begin() as conn:
+            dropped = [d for name in sa.inspect(conn).get_table_names() for _, d in self.dialect.defer_checks(conn, self._table(name))]
+        return sorted(dropped, key=lambda d: not d.startswith("CREATE"))  # indexes, then the keys
 
     def _table(self, name: str) -> sa.Table:
         if name not in self.tables:

@@ -27,6 +27,8 @@ log = logging.getLogger("etl.staging")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _PART = 8 << 20
+#: Seconds between writes of a table's resume state while it exports.
+STATE_SECONDS = 5.0
 
 
 class Store:
@@ -146,6 +148,7 @@ class PackageWriter:
         self.store, self.identity = store, identity
         self.started = time.time()
         self.tables: dict[str, dict[str, Any]] = {}
+        self._saved: dict[str, float] = {}
 
     def open(self) -> bool:
         """False when this very export is already complete; an error when another one is there."""
@@ -193,7 +196,12 @@ class PackageWriter:
         state["chunks"].append({"file": rel, "rows": batch.num_rows, "sha256": hashlib.sha256(data).hexdigest(),
                                 "bytes": len(data), "last_key": last_key})
         state["last_key"] = last_key
-        self.store.write(f"_state/{table}.json", json.dumps(state).encode())
+        # The state is rewritten whole, so not after every chunk: a resumed export redoes at most
+        # the chunks of the last few seconds, under the same names and with the same rows.
+        now = time.monotonic()
+        if table not in self._saved or now - self._saved[table] >= STATE_SECONDS:
+            self.store.write(f"_state/{table}.json", json.dumps(state).encode())
+            self._saved[table] = now
         return state["chunks"][-1]
 
     def finish_table(self, table: str, state: dict, schema: pa.Schema) -> None:

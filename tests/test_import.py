@@ -169,6 +169,17 @@ def _inserted(rep: dict) -> int:
     return sum(v.get("inserted", 0) + v.get("updated", 0) for v in rep["tables"].values())
 
 
+def _indexes(url: str) -> dict:
+    """Every table's indexes and foreign keys."""
+    engine = urls.open_engine(url)
+    inspector = sa.inspect(engine)
+    out = {t: (sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(t)),
+               sorted((f["name"], tuple(f["constrained_columns"]), f["referred_table"], str(f.get("options"))) for f in inspector.get_foreign_keys(t)))
+           for t in inspector.get_table_names() if not t.startswith("_etl_")}
+    engine.dispose()
+    return out
+
+
 # -- killed at random points ---------------------------------------------------------------------
 
 def _chunks_done(engine: sa.Engine) -> int:
@@ -228,6 +239,9 @@ def test_import_killed_at_random_points_ends_as_one_clean_import(request, tmp_pa
 
     want, got = snapshot(clean), snapshot(killed)
     assert got == want, f"seed {seed}: " + ", ".join(t for t in want if got.get(t) != want[t])
+    # Indexes and foreign keys a killed run had set aside for its bulk load are all back, as after the clean import.
+    assert _indexes(killed) == _indexes(clean) == _indexes(_empty(_database(request, kind, tmp_path, "fresh"))), f"seed {seed}"
+    assert count(killed, ledger.DEFERRED.name) == 0
     assert not _dangling(got)
     for name in ("log", "job", "task_fail", "dag_run", "task_instance", "xcom"):
         assert count(killed, name) == count(clean, name) == count(src, name) > 0, name

@@ -129,6 +129,14 @@ class Dialect:
     def repair_sequence(self, conn: sa.Connection, table: sa.Table) -> None:
         """Move the id generator past max(id), so the next scheduler insert cannot collide."""
 
+    def defer_checks(self, conn: sa.Connection, table: sa.Table) -> list[tuple[str, str]]:
+        """Drop what an empty ``table`` can do without during a bulk load (its secondary indexes
+        and its own foreign keys); returns (name, definition) of each, in the order to restore them."""
+        return []
+
+    def restore(self, conn: sa.Connection, definition: str) -> None:
+        raise NotImplementedError
+
     def lookup(self, conn: sa.Connection, table: sa.Table, key: tuple[str, ...], batch: pa.RecordBatch) -> dict:
         """Target ids of the rows whose natural key is in ``batch``: {key tuple: id}."""
         keys = list(zip(*(batch.column(k).to_pylist() for k in key)))
@@ -174,6 +182,15 @@ class TableLoader:
             if ledger.present(conn):
                 ours = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(ledger.CHUNKS.c.rows_written), 0))
                                     .where(ledger.CHUNKS.c.table_name == target.name)).scalar_one()
+            # An empty table loads without its secondary indexes and foreign keys, restored once
+            # in close(); a run that stopped before that left their definitions in the ledger.
+            self.deferred: list[str] = []
+            if exclusive and not dry_run and ledger.present(conn):
+                self.deferred = ledger.deferred(conn, target.name).get(target.name, [])
+                if not self.deferred and self.count_at_start == 0:
+                    dropped = dialect.defer_checks(conn, target.table)
+                    ledger.record_deferred(conn, target.name, dropped)
+                    self.deferred = [d for _, d in dropped]
         # Every row in the table came through our ledger: a plain bulk insert cannot conflict
         # except with a re-chunked earlier run, which the IntegrityError fallback handles.
         self.clean = self.count_at_start <= ours and not update
@@ -195,6 +212,12 @@ class TableLoader:
             if not self.dry_run:
                 ledger.record_chunk(conn, self.source, self.t.name, sha256, chunk, batch.num_rows, result.inserted)
         return result
+
+    def close(self) -> None:
+        """The table is loaded: restore the indexes and foreign keys its load set aside."""
+        if self.deferred:
+            restore(self.engine, self.dialect, self.t.name, self.deferred)
+            self.deferred = []
 
     # -- references -------------------------------------------------------------------------
     def _resolve(self, batch: pa.RecordBatch, result: ChunkResult) -> pa.RecordBatch:
@@ -322,6 +345,26 @@ class TableLoader:
                 result.existing += int(hit.sum())
                 batch = batch.filter(pa.array(~hit))
         self._load_keyed(conn, batch, result)
+
+
+def restore(engine: sa.Engine, dialect: Dialect, table: str, definitions: list[str]) -> None:
+    """All of ``table``'s definitions in one transaction, with the ledger rows that held them; a
+    foreign key the loaded rows break fails it in one line, and the ledger keeps them for a re-run."""
+    with engine.begin() as conn:
+        for definition in definitions:
+            try:
+                with conn.begin_nested():
+                    dialect.restore(conn, definition)
+            except sa.exc.IntegrityError as exc:
+                raise EtlError(f"{table}: cannot restore {definition!r} after the load: {_first_line(exc)}; "
+                               "the rows that break it are in the target, fix or remove them and run again") from exc
+        ledger.forget_deferred(conn, table)
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__
 
 
 def _without_existing(conn: sa.Connection, t: TargetTable, batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -55,6 +55,28 @@ class PostgreSQL(Dialect):
         if top is not None and (last is None or top > last):
             conn.execute(sa.select(sa.func.setval(seq, top)))
 
+    def defer_checks(self, conn, table):
+        name = _qualified(conn, table)
+        indexes = conn.execute(sa.text(
+            "SELECT CAST(CAST(i.indexrelid AS regclass) AS text), pg_get_indexdef(i.indexrelid) FROM pg_index i "
+            "WHERE i.indrelid = CAST(:t AS regclass) AND NOT i.indisunique AND NOT i.indisprimary "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid) ORDER BY 1"), {"t": name}).all()
+        keys = conn.execute(sa.text(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = CAST(:t AS regclass) AND contype = 'f' ORDER BY conname"), {"t": name}).all()
+        quote = conn.dialect.identifier_preparer.quote
+        for index, _ in indexes:
+            conn.exec_driver_sql(f"DROP INDEX {index}")  # regclass text: quoted and qualified as it needs
+        for key, _ in keys:
+            conn.exec_driver_sql(f"ALTER TABLE {name} DROP CONSTRAINT {quote(key)}")
+        return [*(tuple(r) for r in indexes),
+                *((key, f"ALTER TABLE {name} ADD CONSTRAINT {quote(key)} {body}") for key, body in keys)]
+
+    def restore(self, conn, definition):
+        # The session's sort memory for index builds; the server's default is 64 MB.
+        conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '256MB'")
+        conn.exec_driver_sql(definition)
+
     def _stage(self, conn: sa.Connection, table: sa.Table, batch: pa.RecordBatch) -> sa.TableClause:
         """A session-private copy of the batch; dropped with the transaction that owns the chunk."""
         prep = conn.dialect.identifier_preparer

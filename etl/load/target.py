@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from .. import catalog, ledger, tables, urls, versions
 from ..errors import EtlError
-from .base import Quarantine, TableLoader, describe, dialect_for
+from .base import Quarantine, TableLoader, describe, dialect_for, restore
 
 #: Airflow's own default for scheduler_health_check_threshold is 30 s; allow a missed beat.
 SCHEDULER_ALIVE = dt.timedelta(seconds=60)
@@ -128,9 +128,14 @@ class Target:
         return pc.if_else(pc.equal(pc.utf8_length(hexed), 32), new, text).cast(values.type)
 
     def finish(self) -> None:
-        """Move every id generator the load touched past max(id)."""
+        """Restore the indexes and foreign keys a stopped run left set aside, and move every id
+        generator the load touched past max(id)."""
         if self.dry_run:
             return
+        with self.engine.connect() as conn:
+            left = ledger.deferred(conn)
+        for name, definitions in left.items():
+            restore(self.engine, self.dialect, name, definitions)
         with self.engine.begin() as conn:
             for name in sorted(self.touched):
                 if self._surrogate(name) == "int":
