@@ -188,7 +188,7 @@ def _column(data: np.ndarray, start: np.ndarray, sizes: np.ndarray, valid: np.nd
         values = _ints(data, start, dtype)
         if pa.types.is_date(atype):
             return pa.array(values.astype(np.int32) + _EPOCH_DAYS, pa.int32(), mask=mask).view(atype)
-        return pa.array(values.astype(atype.to_pandas_dtype()), atype, mask=mask)
+        return pa.array(values.astype(np.dtype(dtype).newbyteorder("=")), atype, mask=mask)
     raise pa.ArrowInvalid(f"no binary COPY decoding for {atype}")
 
 
