@@ -15,7 +15,7 @@ matters is a ratio against a baseline measured minutes apart in the same run:
 
 Sources are ANALYZEd after sampling, as autovacuum would have done in a live deployment (the
 project's servers run without it), so that Airflow's own upgrade is not timed on a planner
-without statistics. Peak RSS is the child process's own maximum (``wait4``), not the bench's.
+without statistics. Peak RSS is the child process's own maximum (its VmHWM), not the bench's.
 """
 from __future__ import annotations
 
@@ -55,25 +55,41 @@ class Server:
 
 
 def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """(seconds, peak RSS in MB, stdout) of one child process, reaped with wait4 for its own rusage."""
+    """(seconds, peak RSS in MB, stdout) of one child process.
+
+    The peak is the child's VmHWM, sampled while it runs; it starts again at exec. wait4's
+    ru_maxrss would also count the pages the child had before exec, a copy of this process,
+    which grows with moto's in-memory bucket."""
     import threading
 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True)
     streams: dict[str, str] = {}
-    readers = [threading.Thread(target=lambda n=n, f=f: streams.__setitem__(n, f.read())) for n, f in
-               (("out", proc.stdout), ("err", proc.stderr))]
-    for r in readers:
-        r.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    done, peak = threading.Event(), [0]
+
+    def watch():
+        while not done.is_set():
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    peak[0] = max([peak[0], *(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))])
+            except OSError:
+                return
+            done.wait(0.2)
+
+    threads = [threading.Thread(target=lambda n=n, f=f: streams.__setitem__(n, f.read())) for n, f in
+               (("out", proc.stdout), ("err", proc.stderr))] + [threading.Thread(target=watch)]
+    for t in threads:
+        t.start()
+    _, status, _ = os.wait4(proc.pid, 0)
+    done.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    for r in readers:
-        r.join()
+    for t in threads:
+        t.join()
     seconds = time.perf_counter() - start
     if proc.returncode:
         err = streams.get("err", "").strip()
         raise SystemExit(f"bench: {' '.join(cmd[2:4])} failed: {err.splitlines()[-1] if err else proc.returncode}")
-    return seconds, usage.ru_maxrss // 1024, streams.get("out", "")
+    return seconds, peak[0] // 1024, streams.get("out", "")
 
 
 def row_counts(url: str) -> dict[str, int]:
