@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from .. import ledger
+from .. import ledger, urls
 from ..errors import EtlError
 
 #: Natural keys that no constraint declares, or where a table has several unique keys.
@@ -356,15 +356,9 @@ def restore(engine: sa.Engine, dialect: Dialect, table: str, definitions: list[s
                 with conn.begin_nested():
                     dialect.restore(conn, definition)
             except sa.exc.IntegrityError as exc:
-                raise EtlError(f"{table}: cannot restore {definition!r} after the load: {_first_line(exc)}; "
+                raise EtlError(f"{table}: cannot restore {definition!r} after the load: {urls.first_line(exc.orig)}; "
                                "the rows that break it are in the target, fix or remove them and run again") from exc
         ledger.forget_deferred(conn, table)
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip()
-    return text.splitlines()[0] if text else type(orig).__name__
 
 
 def _without_existing(conn: sa.Connection, t: TargetTable, batch: pa.RecordBatch) -> pa.RecordBatch:
