@@ -17,7 +17,7 @@ writes of the biggest tables (job, log, task_instance_history).
 into an empty table set aside: PostgreSQL builds an index over loaded rows, and checks a
 foreign key with one join, in a fraction of what maintaining and checking them row by row
 costs. They are written in the transaction that drops them and removed in the one that
-restores them, so a run killed in between leaves the next run, or ``finish``, what to restore.
+restores them, so a run killed in between leaves the next run what to restore first.
 
 ``_etl_chunk`` records each loaded chunk (source, table, sha256) so that a re-run skips whole
 chunks without reading the target, and so that people can audit what came from where.
@@ -76,6 +76,11 @@ def present(conn: sa.Connection) -> bool:
 
 def chunk_loaded(conn: sa.Connection, source: str, table: str, sha256: str) -> bool:
     q = sa.select(CHUNKS.c.rows_in).where(CHUNKS.c.source == source, CHUNKS.c.table_name == table, CHUNKS.c.sha256 == sha256)
+    return conn.execute(q).first() is not None
+
+
+def any_chunk(conn: sa.Connection, source: str, table: str) -> bool:
+    q = sa.select(CHUNKS.c.sha256).where(CHUNKS.c.source == source, CHUNKS.c.table_name == table).limit(1)
     return conn.execute(q).first() is not None
 
 

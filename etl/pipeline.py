@@ -66,22 +66,31 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
 
     seconds = report.info.setdefault("seconds_per_table", {})
     current, started = None, time.perf_counter()
+    restorer = target.restorer()
+    ahead: dict = {}
+    finished: dict = {}  # the last table's loaders, closed once the next table's have set theirs aside
     try:
+        ahead = target.loaders_ahead(list(dict.fromkeys(mapper.target_name(n) for n in names)))
         for name, chunk, outputs in prefetch(mapped()):
-            if chunk is None:  # a new table starts: close the last one's counts
-                _close(loaders, report, matched, dry_run)
+            if chunk is None:  # a new table starts; the last one's loaders close at its first chunk
+                finished.update(loaders)
+                loaders.clear()
                 if current:
                     seconds[current] = round(time.perf_counter() - started, 3)
                 current, started = name, time.perf_counter()
                 report.table(name).add("source", 0)
                 continue
             report.table(name).add("source", chunk.batch.num_rows)
+            for out_name, _ in outputs:
+                if target.has(out_name) and out_name not in loaders:
+                    loaders[out_name] = finished.pop(out_name, None) or ahead.pop(out_name, None) or target.loader(out_name)
+            _close(finished, report, matched, dry_run, restorer)
             for out_name, out in outputs:
                 out_report = report.table(out_name)
                 if not target.has(out_name):
                     out_report.add("not_in_target", out.num_rows)
                     continue
-                loader = loaders.get(out_name) or loaders.setdefault(out_name, target.loader(out_name))
+                loader = loaders[out_name]
                 try:
                     result = loader.load(out, chunk.sha256, chunk.name)
                 except EtlError:
@@ -96,22 +105,31 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
                 matched[out_name] = matched.get(out_name, 0) + result.existing + result.updated
                 if progress:
                     progress.advance(out_name, out.num_rows)
+        if current:
+            seconds[current] = round(time.perf_counter() - started, 3)
+        finished.update(loaders)
+        finished.update(ahead)  # tables no row reached
+        _close(finished, report, matched, dry_run, restorer)
+        waited = time.perf_counter()
+        restorer.wait()
+        report.info["restore_wait_seconds"] = round(time.perf_counter() - waited, 3)
     except Exception:
-        for loader in loaders.values():  # what a load set aside goes back before the error is reported
+        with contextlib.suppress(Exception):  # its failure, if any, is the ledger's to retry
+            restorer.wait()
+        for loader in [*finished.values(), *loaders.values(), *ahead.values()]:  # what a load set aside goes back before the error is reported
             with contextlib.suppress(Exception):  # the ledger still has them for the next run
                 loader.close()
         raise
-    _close(loaders, report, matched, dry_run)
-    if current:
-        seconds[current] = round(time.perf_counter() - started, 3)
+    finally:
+        restorer.stop()
     target.finish()
 
 
-def _close(loaders: dict, report: Report, matched: dict, dry_run: bool) -> None:
-    """A table's loaders are done: what they set aside is restored, and a dry run counts the
-    target's rows that no source row matched."""
+def _close(loaders: dict, report: Report, matched: dict, dry_run: bool, restorer) -> None:
+    """A table's loaders are done: what they set aside is handed to the restorer, and a dry run
+    counts the target's rows that no source row matched."""
     for out_name, loader in loaders.items():
-        loader.close()
+        loader.close(restorer)
         if dry_run:
             report.table(out_name).add("only_in_target", max(loader.count_at_start - matched.get(out_name, 0), 0))
     loaders.clear()

@@ -467,6 +467,14 @@ class Mapper:
         finally:
             self.ctx._source = None
 
+    def target_name(self, table: str) -> str:
+        """The table a source table's rows arrive in (Airflow renamed some); a rule may also
+        send rows to further tables."""
+        for hop in self.route:
+            if hop.step is not None:
+                table = hop.step.renamed.get(table, table)
+        return table
+
     def _hop(self, hop: _Route, previous: str, current: dict[str, pa.RecordBatch], keep: dict[str, set[str]],
              gone: list[tuple[str, pa.RecordBatch]]) -> Iterator[tuple[str, pa.RecordBatch]]:
         """One catalog version: the step's rule if it has one, then that version's columns.

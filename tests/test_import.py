@@ -248,6 +248,34 @@ def test_import_killed_at_random_points_ends_as_one_clean_import(request, tmp_pa
         assert max(got[name].values()) == max(want[name].values()) == 1, f"{name} has duplicate rows"
 
 
+def test_a_run_stopped_with_keys_set_aside_leaves_the_next_run_its_references(request, tmp_path, pg_url):
+    """A stopped run can leave task_instance without its foreign keys, and the loaders learn a table's
+    references from those keys. Triggers numbered away from the source's make a trigger_id that was
+    not re-numbered point at nothing."""
+    from etl.load.target import Target
+
+    src = _fill(pg_url, dag_runs=40)
+    dest = str(tmp_path / "export")
+    cli("export", "--source", src, "--to", dest)
+    target = _empty(_database(request, "pg_url", tmp_path, "stopped"))
+    engine = urls.open_engine(target)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SELECT setval(pg_get_serial_sequence('trigger', 'id'), 400)")
+    engine.dispose()
+    stopped = Target(target, source_key="stopped", quarantine=lambda *a: None)
+    stopped.prepare()
+    stopped.loaders_ahead(["trigger", "task_instance"])  # then the process died
+    stopped.dispose()
+    assert count(target, ledger.DEFERRED.name) > 0
+
+    report("import", "--from", dest, "--target", target)
+    got = snapshot(target)
+    assert sum(1 for row in got["task_instance"] for col, v in row if col == "trigger_id" and v is not None) > 0
+    assert not _dangling(got)
+    assert _indexes(target) == _indexes(_empty(_database(request, "pg_url", tmp_path, "fresh")))
+    assert count(target, ledger.DEFERRED.name) == 0
+
+
 # -- merging into a target with a history of its own, read by real Airflow ------------------------
 
 #: Where the target's own ids start, so that no source id lands on the same number by chance.

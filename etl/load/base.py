@@ -12,6 +12,8 @@ how ids are reserved; those live in ``postgresql.py``, ``mysql.py`` and ``sqlite
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -129,6 +131,12 @@ class Dialect:
     def repair_sequence(self, conn: sa.Connection, table: sa.Table) -> None:
         """Move the id generator past max(id), so the next scheduler insert cannot collide."""
 
+    def bulk_sessions(self, engine: sa.Engine) -> None:
+        """Let the engine's sessions commit without waiting for the disk; ``durable`` waits once."""
+
+    def durable(self, conn: sa.Connection) -> None:
+        """Return once everything the bulk sessions committed is on disk."""
+
     def defer_checks(self, conn: sa.Connection, table: sa.Table) -> list[tuple[str, str]]:
         """Drop what an empty ``table`` can do without during a bulk load (its secondary indexes
         and its own foreign keys); returns (name, definition) of each, in the order to restore them."""
@@ -179,18 +187,23 @@ class TableLoader:
                 dialect.repair_sequence(conn, target.table)
             self.count_at_start = conn.execute(sa.select(sa.func.count()).select_from(target.table)).scalar_one()
             ours = 0
-            if ledger.present(conn):
+            # Asked once: a dry run never creates the ledger, any other run made it before its first loader.
+            self.ledgered = ledger.present(conn)
+            # No chunk of this source's table loaded yet and no other writer: a chunk can only have been
+            # loaded by this loader, which need not ask the ledger for each.
+            self.loaded_here: set[str] | None = None
+            if self.ledgered:
                 ours = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(ledger.CHUNKS.c.rows_written), 0))
                                     .where(ledger.CHUNKS.c.table_name == target.name)).scalar_one()
+                if exclusive and not ledger.any_chunk(conn, source, target.name):
+                    self.loaded_here = set()
             # An empty table loads without its secondary indexes and foreign keys, restored once
-            # in close(); a run that stopped before that left their definitions in the ledger.
+            # in close(); what a stopped run left set aside, Target.prepare restored before this.
             self.deferred: list[str] = []
-            if exclusive and not dry_run and ledger.present(conn):
-                self.deferred = ledger.deferred(conn, target.name).get(target.name, [])
-                if not self.deferred and self.count_at_start == 0:
-                    dropped = dialect.defer_checks(conn, target.table)
-                    ledger.record_deferred(conn, target.name, dropped)
-                    self.deferred = [d for _, d in dropped]
+            if exclusive and not dry_run and self.ledgered and self.count_at_start == 0:
+                dropped = dialect.defer_checks(conn, target.table)
+                ledger.record_deferred(conn, target.name, dropped)
+                self.deferred = [d for _, d in dropped]
         # Every row in the table came through our ledger: a plain bulk insert cannot conflict
         # except with a re-chunked earlier run, which the IntegrityError fallback handles.
         self.clean = self.count_at_start <= ours and not update
@@ -198,7 +211,8 @@ class TableLoader:
     def load(self, batch: pa.RecordBatch, sha256: str, chunk: str) -> ChunkResult:
         result = ChunkResult(rows_in=batch.num_rows)
         with self.engine.connect() if self.dry_run else self.engine.begin() as conn:
-            if ledger.present(conn) and ledger.chunk_loaded(conn, self.source, self.t.name, sha256):
+            if self.ledgered and (sha256 in self.loaded_here if self.loaded_here is not None
+                                  else ledger.chunk_loaded(conn, self.source, self.t.name, sha256)):
                 result.skipped_chunk = True
                 result.existing = batch.num_rows
                 return result
@@ -211,12 +225,18 @@ class TableLoader:
                 self._load_keyed(conn, batch, result)
             if not self.dry_run:
                 ledger.record_chunk(conn, self.source, self.t.name, sha256, chunk, batch.num_rows, result.inserted)
+        if self.loaded_here is not None and not self.dry_run:
+            self.loaded_here.add(sha256)
         return result
 
-    def close(self) -> None:
-        """The table is loaded: restore the indexes and foreign keys its load set aside."""
+    def close(self, restorer: Restorer | None = None) -> None:
+        """The table is loaded: restore the indexes and foreign keys its load set aside, now or,
+        handed to ``restorer``, while the next table loads."""
         if self.deferred:
-            restore(self.engine, self.dialect, self.t.name, self.deferred)
+            if restorer is None:
+                restore(self.engine, self.dialect, self.t.name, self.deferred)
+            else:
+                restorer.submit(self.t.name, self.deferred)
             self.deferred = []
 
     # -- references -------------------------------------------------------------------------
@@ -345,6 +365,51 @@ class TableLoader:
                 result.existing += int(hit.sum())
                 batch = batch.filter(pa.array(~hit))
         self._load_keyed(conn, batch, result)
+
+
+class Restorer:
+    """Restores what loads set aside on a connection and thread of its own, table after table in
+    the order they were handed in.
+
+    Building a loaded table's indexes and checking its foreign keys is work for the server alone;
+    done here, it overlaps with the next table's COPY instead of stopping the load for it. The
+    caller sets the next table's own indexes and keys aside *before* handing in the last table:
+    dropping a foreign key locks the table it references, which an index build holds.
+    """
+
+    def __init__(self, engine: sa.Engine, dialect: Dialect):
+        self.engine, self.dialect = engine, dialect
+        self._work: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="etl-restore", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            if self._error is None:  # after a failure the ledger keeps the rest for the next run
+                try:
+                    restore(self.engine, self.dialect, *item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the loading thread
+                    self._error = exc
+            self._work.task_done()
+        self._work.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, table: str, definitions: list[str]) -> None:
+        self._raise()
+        self._work.put((table, list(definitions)))
+
+    def wait(self) -> None:
+        """Every table handed in is restored; the first failure is raised here."""
+        self._work.join()
+        self._raise()
+
+    def stop(self) -> None:
+        self._work.put(None)
+        self._thread.join()
 
 
 def restore(engine: sa.Engine, dialect: Dialect, table: str, definitions: list[str]) -> None:

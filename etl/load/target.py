@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from .. import catalog, ledger, tables, urls, versions
 from ..errors import EtlError
-from .base import Quarantine, TableLoader, describe, dialect_for, restore
+from .base import Quarantine, Restorer, TableLoader, describe, dialect_for, restore
 
 #: Airflow's own default for scheduler_health_check_threshold is 30 s; allow a missed beat.
 SCHEDULER_ALIVE = dt.timedelta(seconds=60)
@@ -45,6 +45,8 @@ class Target:
             self._refuse_live_scheduler()
         self.dry_run = dry_run
         self.dialect = dialect_for(self.engine)
+        if not dry_run:
+            self.dialect.bulk_sessions(self.engine)
         self.source_key, self.update, self.quarantine = source_key, update, quarantine
         self.uuid_maps: dict[str, dict[str, str]] = {}
         self.touched: set[str] = set()
@@ -77,15 +79,36 @@ class Target:
         return TableLoader(self.engine, self.dialect, self.describe(name), self.source_key, self.update,
                            self.id_maps, self.uuid_maps, self.quarantine, dry_run=self.dry_run, exclusive=not self.forced)
 
+    def loaders_ahead(self, names: list[str]) -> dict[str, TableLoader]:
+        """Loaders for the tables among ``names``, made before any row is written when the run may
+        set checks aside, so that every table's are set aside before the first table's are rebuilt
+        in the background: dropping a foreign key waits for an index build on the table it references."""
+        if self.forced or self.dry_run:
+            return {}
+        return {name: self.loader(name) for name in names if self.has(name)}
+
+    def restorer(self) -> Restorer:
+        return Restorer(self.engine, self.dialect)
+
     def prepare(self) -> None:
         """The schema of an empty target and the ledger tables, created only once every check has
-        passed and writing begins."""
+        passed and writing begins. What a stopped run set aside is restored first: the loaders
+        learn a table's references from its foreign keys, and the table is no longer empty."""
         if self.empty:
             catalog.create_empty(self.engine, self.version)
             self.empty = False
             self._reflect()
         if not self.dry_run:
             ledger.ensure(self.engine)
+            if self._restore_set_aside():
+                self._reflect()
+
+    def _restore_set_aside(self) -> bool:
+        with self.engine.connect() as conn:
+            left = ledger.deferred(conn)
+        for name, definitions in left.items():
+            restore(self.engine, self.dialect, name, definitions)
+        return bool(left)
 
     def count(self, name: str) -> int:
         with self.engine.connect() as conn:
@@ -128,18 +151,15 @@ class Target:
         return pc.if_else(pc.equal(pc.utf8_length(hexed), 32), new, text).cast(values.type)
 
     def finish(self) -> None:
-        """Restore the indexes and foreign keys a stopped run left set aside, and move every id
-        generator the load touched past max(id)."""
+        """Move every id generator the load touched past max(id), and wait until what the run
+        committed is on disk."""
         if self.dry_run:
             return
-        with self.engine.connect() as conn:
-            left = ledger.deferred(conn)
-        for name, definitions in left.items():
-            restore(self.engine, self.dialect, name, definitions)
         with self.engine.begin() as conn:
             for name in sorted(self.touched):
                 if self._surrogate(name) == "int":
                     self.dialect.repair_sequence(conn, self.describe(name).table)
+            self.dialect.durable(conn)
 
     def dispose(self) -> None:
         self.engine.dispose()
