@@ -90,11 +90,9 @@ def record_chunk(conn: sa.Connection, source: str, table: str, sha256: str, chun
                                         loaded_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
 
 
-def deferred(conn: sa.Connection, table: str | None = None) -> dict[str, list[str]]:
-    """Definitions set aside and not yet restored, per table (only ``table``'s if given), in order."""
+def deferred(conn: sa.Connection) -> dict[str, list[str]]:
+    """Definitions set aside and not yet restored, per table, in order."""
     q = sa.select(DEFERRED.c.table_name, DEFERRED.c.definition).order_by(DEFERRED.c.table_name, DEFERRED.c.position)
-    if table is not None:
-        q = q.where(DEFERRED.c.table_name == table)
     out: dict[str, list[str]] = {}
     for name, definition in conn.execute(q):
         out.setdefault(name, []).append(definition)

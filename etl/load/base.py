@@ -11,9 +11,8 @@ how ids are reserved; those live in ``postgresql.py``, ``mysql.py`` and ``sqlite
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import queue
-import threading
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -368,7 +367,7 @@ class TableLoader:
 
 
 class Restorer:
-    """Restores what loads set aside on a connection and thread of its own, table after table in
+    """Restores what loads set aside on a thread and connection of its own, table after table in
     the order they were handed in.
 
     Building a loaded table's indexes and checking its foreign keys is work for the server alone;
@@ -379,37 +378,22 @@ class Restorer:
 
     def __init__(self, engine: sa.Engine, dialect: Dialect):
         self.engine, self.dialect = engine, dialect
-        self._work: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="etl-restore", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._work.get()) is not None:
-            if self._error is None:  # after a failure the ledger keeps the rest for the next run
-                try:
-                    restore(self.engine, self.dialect, *item)
-                except BaseException as exc:  # noqa: BLE001 - handed to the loading thread
-                    self._error = exc
-            self._work.task_done()
-        self._work.task_done()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="etl-restore")
+        self._handed: list[concurrent.futures.Future] = []
 
     def submit(self, table: str, definitions: list[str]) -> None:
-        self._raise()
-        self._work.put((table, list(definitions)))
+        """Queue ``table``'s restore; a failed earlier one is raised here."""
+        for done in [f for f in self._handed if f.done()]:
+            done.result()
+        self._handed.append(self._pool.submit(restore, self.engine, self.dialect, table, list(definitions)))
 
     def wait(self) -> None:
         """Every table handed in is restored; the first failure is raised here."""
-        self._work.join()
-        self._raise()
+        for future in self._handed:
+            future.result()
 
     def stop(self) -> None:
-        self._work.put(None)
-        self._thread.join()
+        self._pool.shutdown(wait=True)
 
 
 def restore(engine: sa.Engine, dialect: Dialect, table: str, definitions: list[str]) -> None:
