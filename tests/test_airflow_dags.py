@@ -122,7 +122,8 @@ def etl_venv(version: str) -> Path:
 def _serves_this_checkout(py: Path, version: str) -> bool:
     probe = ("import airflow, etl, sqlalchemy; "
              "print(airflow.__version__, sqlalchemy.__version__.split('.')[0], etl.__file__)")
-    out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
+    # Not from the checkout's directory, where ``import etl`` would find the sources whatever the venv holds.
+    out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, cwd=py.parent)
     parts = out.stdout.split()
     return out.returncode == 0 and parts[:2] == [version, "1"] and parts[2].startswith(str(REPO))
 
