@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import commands  # after parsing, so that --help stays fast
     _lean_memory()
 
+    # A service manager, a container runtime or Airflow stopping a task sends SIGTERM: stop as on Ctrl-C,
+    # putting back what a load set aside, then one line and exit 1.
+    signal.signal(signal.SIGTERM, _interrupt)
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "json", "debug")}
     kwargs["progress"] = True  # a bar when stderr is a terminal, log lines otherwise (etl.progress)
     func = getattr(commands, "import_" if args.command == "import" else args.command)
@@ -143,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     except EtlError as exc:
         return _fail(exc, args.debug, code=1)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         print("error: interrupted; run the same command again to resume", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - anything unexpected still gets one line unless --debug
@@ -153,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(report.format_text())
     return report.info.get("exit_code", 0)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _fail(exc: BaseException, debug: bool, code: int, unexpected: bool = False) -> int:

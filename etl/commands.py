@@ -82,11 +82,11 @@ def sample(airflow_version: str, target: str, dag_runs: int = 50, seed: int = 0,
 
 # -- sources ------------------------------------------------------------------------------------
 
-def _fingerprint(engine: sa.Engine) -> str:
-    """Names a source database across runs (not its password), so the target's ledger recognises it."""
-    url = engine.url
-    where = url.database if url.get_backend_name() != "sqlite" else __import__("os").path.abspath(url.database or "")
-    return hashlib.sha256(f"{url.get_backend_name()}|{url.host}|{url.port}|{where}".encode()).hexdigest()[:16]
+def _dag_ids(dag_ids) -> tuple[str, ...]:
+    ids = tuple(dag_ids or ())
+    if any(not d or not d.strip() for d in ids):
+        raise UsageError("--dag-id needs a DAG id; an empty one would match nothing")
+    return ids
 
 
 def _since(text: str | None) -> dt.datetime | None:
@@ -107,20 +107,43 @@ def _batch_sha(batch: pa.RecordBatch) -> str:
 
 
 class DatabaseSource:
-    """A source database read table by table through the extractor."""
+    """A source database read table by table through the extractor, every read in one snapshot
+    and at one cut (``etl.cut``), however long the job takes and whatever writes meanwhile."""
 
     def __init__(self, url: str, version: str | None, names: tuple | None, exclude: tuple, since: str | None,
                  dag_ids, chunk_rows: int):
-        from . import versions
+        from . import identity, versions
+        from .cut import Snapshot
         from .extract import Filters
 
         self.engine = urls.open_engine(url)
         self.url = url
         self.version, self.revision = versions.detect_version(self.engine, override=version)
-        self.fingerprint = _fingerprint(self.engine)
+        with self.engine.connect() as conn:
+            self.fingerprint = identity.fingerprint(conn)
         self.names = tables.select(sa.inspect(self.engine).get_table_names(), names, exclude)
-        self.filters = Filters(_since(since), tuple(dag_ids or ()))
+        self.filters = Filters(_since(since), _dag_ids(dag_ids))
         self.chunk_rows = chunk_rows
+        self.reads = Snapshot(self.engine)
+        self._cut = None
+        self.zero_dates: dict[tuple[str, str], int] = {}
+
+    @property
+    def cut(self):
+        """The high-water marks, taken in the snapshot at the first read (or given, to resume an export)."""
+        if self._cut is None:
+            from .cut import take
+
+            self._cut = take(self.reads, self.names)
+        return self._cut
+
+    @cut.setter
+    def cut(self, value) -> None:
+        self._cut = value
+
+    def close(self) -> None:
+        self.reads.close()
+        self.engine.dispose()
 
     def tables(self) -> list[str]:
         return list(self.names)
@@ -128,18 +151,36 @@ class DatabaseSource:
     def reader(self, table: str):
         from .extract import TableReader
 
-        return TableReader(self.engine, self.version, table, self.filters, self.chunk_rows)
+        return TableReader(self.engine, self.version, table, self.filters, self.chunk_rows, reads=self.reads, cut=self.cut)
+
+    def read(self, reader, after: list | None = None) -> Iterator:
+        """A reader's chunks, noting the MySQL zero dates it read as NULL."""
+        yield from reader.chunks(after=after)
+        for column, n in reader.zero_dates.items():
+            self.zero_dates[(reader.name, column)] = self.zero_dates.get((reader.name, column), 0) + n
 
     def chunks(self, table: str):
         from .pipeline import Chunk
 
-        for i, chunk in enumerate(self.reader(table).chunks()):
+        for i, chunk in enumerate(self.read(self.reader(table))):
             yield Chunk(chunk.batch, _batch_sha(chunk.batch), f"{table}#{i}")
 
     def batches(self, table: str) -> Iterator[pa.RecordBatch]:
         if table in self.names or sa.inspect(self.engine).has_table(table):
-            for chunk in self.reader(table).chunks():
+            for chunk in self.read(self.reader(table)):
                 yield chunk.batch
+
+    def rows_by_id(self, table: str, ids: list[int], columns: tuple[str, ...]) -> dict[int, tuple]:
+        """Some rows of ``table`` by id, for the target to recognise this history (``etl.identity``)."""
+        if not sa.inspect(self.engine).has_table(table):
+            return {}
+        with self.reads.connect() as conn:
+            t = sa.Table(table, sa.MetaData(), autoload_with=conn)  # typed: SQLite keeps instants as text
+            return {r[0]: tuple(r[1:]) for r in conn.execute(sa.select(t.c.id, *(t.c[c] for c in columns)).where(t.c.id.in_(ids)))}
+
+    def notes(self) -> list[str]:
+        return [f"{table}.{column}: {n} MySQL zero dates (0000-00-00) read as NULL, as Airflow's own driver reads them"
+                for (table, column), n in sorted(self.zero_dates.items())]
 
 
 class PackageSource:
@@ -151,11 +192,14 @@ class PackageSource:
         self.store = Store(dest, endpoint)
         self.package = Package(self.store)
         self.version = self.package.version
-        self.fingerprint = self.package.manifest["identity"]["source_fingerprint"]
+        self.fingerprint = (self.package.manifest.get("identity") or {}).get("source_fingerprint")
         self.names = tables.select(self.package.tables(), names, exclude)
 
     def tables(self) -> list[str]:
         return list(self.names)
+
+    def rows_by_id(self, table: str, ids: list[int], columns: tuple[str, ...]) -> dict[int, tuple]:
+        return self.package.rows_by_id(table, ids, columns)
 
     def chunks(self, table: str):
         from .pipeline import Chunk
@@ -174,7 +218,9 @@ def _open_source(source: str, version, names, exclude, since, dag_ids, chunk_row
         return DatabaseSource(source, version, names, exclude, since, dag_ids, chunk_rows)
     if since or dag_ids:
         raise UsageError("--since and --dag-id filter an export; an import takes the export as it is")
-    return PackageSource(source, endpoint, names, exclude)
+    src = PackageSource(source, endpoint, names, exclude)
+    src.package.verify()
+    return src
 
 
 # -- jobs -----------------------------------------------------------------------------------------
@@ -186,26 +232,41 @@ def export(source: str, dest: str, tables: tuple | None = None, exclude_tables: 
     from .progress import Progress
     from .staging import PackageWriter, Store
 
+    from .cut import Cut
+
     src = DatabaseSource(source, source_version, tables, exclude_tables, since, dag_ids, chunk_rows)
-    report = Report("export")
-    report.info.update({"source": urls.redacted(source), "dest": dest, "airflow_version": src.version,
-                        "alembic_revision": src.revision})
-    identity = {"source": urls.redacted(source), "source_fingerprint": src.fingerprint, "airflow_version": src.version,
-                "alembic_revision": src.revision, "filters": src.filters.to_dict(), "tables": src.names, "chunk_rows": chunk_rows}
-    writer = PackageWriter(Store(dest, s3_endpoint_url), identity)
-    if not writer.open():
-        report.notes.append(f"{dest} already holds this complete export; nothing to do")
-        return report.finish()
-    bar = Progress(progress)
     try:
-        _export_tables(src, writer, report, bar)
-        bar.finish()
+        report = Report("export")
+        report.info.update({"source": urls.redacted(source), "dest": dest, "airflow_version": src.version,
+                            "alembic_revision": src.revision})
+        writer = PackageWriter(Store(dest, s3_endpoint_url), export_identity(src, chunk_rows))
+        if not writer.open(cut=src.cut.to_dict()):
+            report.notes.append(f"{dest} already holds this complete export; nothing to do")
+            return report.finish()
+        try:
+            src.cut = Cut.from_dict(writer.cut)  # a resumed export stops where its first run's cut stood
+            report.info["cut"] = writer.cut
+            bar = Progress(progress)
+            try:
+                _export_tables(src, writer, report, bar)
+                bar.finish()
+            finally:
+                bar.close()
+            writer.commit({"source": urls.redacted(source), "source_dialect": src.engine.dialect.name,
+                           "airflow_version": src.version, "alembic_revision": src.revision, "filters": src.filters.to_dict()})
+        finally:
+            writer.release()
+        report.notes.extend(src.notes())
+        return report.finish()
     finally:
-        bar.close()
-        src.engine.dispose()
-    writer.commit({"source_dialect": src.engine.dialect.name, "airflow_version": src.version,
-                   "alembic_revision": src.revision, "filters": src.filters.to_dict()})
-    return report.finish()
+        src.close()
+
+
+def export_identity(src: DatabaseSource, chunk_rows: int, **more) -> dict:
+    """What makes two runs the same export, so that one resumes the other: the source as its server
+    names it (not its URL, which another run may spell otherwise), what was asked for, the chunking."""
+    return {"source_fingerprint": src.fingerprint, "airflow_version": src.version, "alembic_revision": src.revision,
+            "filters": src.filters.to_dict(), "tables": src.names, "chunk_rows": chunk_rows, **more}
 
 
 def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
@@ -223,7 +284,7 @@ def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
             bar.start(name, reader.count() if bar.enabled else None)
             after = [from_jsonable(v) for v in state["last_key"]] if state["last_key"] else None
             # The next page is read (the server's work) while this one is encoded and written.
-            for chunk in prefetch(reader.chunks(after=after)):
+            for chunk in prefetch(src.read(reader, after=after)):
                 writer.write_chunk(name, state, chunk.batch, chunk.last_key)
                 bar.advance(name, chunk.batch.num_rows)
             writer.finish_table(name, state, reader.schema)
@@ -242,7 +303,6 @@ def import_(dest: str, target: str, tables: tuple | None = None, exclude_tables:
             force: bool = False, progress: bool = False) -> Report:
     """Load an export into ``target``: verified first, then mapped and upserted chunk by chunk."""
     src = _open_source(dest, None, tables, exclude_tables, since, dag_ids, chunk_rows, s3_endpoint_url)
-    src.package.verify()
     from .staging import QuarantineWriter
 
     report = Report("import")
@@ -260,26 +320,25 @@ def migrate(source: str, target: str, via: str | None = None, tables: tuple | No
     """Source to target with no staging files; ``via`` also keeps the staged Parquet copy."""
     from .staging import QuarantineWriter, Store
 
-    src = DatabaseSource(source, source_version, tables, exclude_tables, since, dag_ids, chunk_rows)
     report = Report("migrate")
-    report.info.update({"source": urls.redacted(source), "target": urls.redacted(target), "source_airflow_version": src.version})
-    quarantine_store = Store(via or "etl-quarantine", s3_endpoint_url)
+    report.info.update({"source": urls.redacted(source), "target": urls.redacted(target)})
+    quarantine = QuarantineWriter(Store(via or "etl-quarantine", s3_endpoint_url))
+    if via:
+        export(source, via, tables=tables, exclude_tables=exclude_tables, since=since, dag_ids=dag_ids,
+               chunk_rows=chunk_rows, s3_endpoint_url=s3_endpoint_url, source_version=source_version)
+        report.info["via"] = via
+        staged = PackageSource(via, s3_endpoint_url, tables, exclude_tables)
+        report.info["source_airflow_version"] = staged.version
+        _load(staged, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
+              quarantine, report, dry_run=False)
+        return report.finish()
+    src = DatabaseSource(source, source_version, tables, exclude_tables, since, dag_ids, chunk_rows)
     try:
-        if via:
-            report.table("(staged)")
-            export(source, via, tables=tables, exclude_tables=exclude_tables, since=since, dag_ids=dag_ids,
-                   chunk_rows=chunk_rows, s3_endpoint_url=s3_endpoint_url, source_version=source_version)
-            del report.tables["(staged)"]
-            report.info["via"] = via
-            staged = PackageSource(via, s3_endpoint_url, tables, exclude_tables)
-            staged.fingerprint = src.fingerprint
-            _load(staged, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
-                  QuarantineWriter(quarantine_store), report, dry_run=False)
-        else:
-            _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
-                  QuarantineWriter(quarantine_store), report, dry_run=False)
+        report.info["source_airflow_version"] = src.version
+        _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
+              quarantine, report, dry_run=False)
     finally:
-        src.engine.dispose()
+        src.close()
     return report.finish()
 
 
@@ -287,34 +346,44 @@ def diff(source: str, target: str, tables: tuple | None = None, exclude_tables: 
          dag_ids=None, chunk_rows: int = 50_000, s3_endpoint_url: str | None = None, source_version: str | None = None,
          target_version: str | None = None, on_conflict: str = "skip", source_fernet_key: str | None = None,
          target_fernet_key: str | None = None, progress: bool = False) -> Report:
-    """What a migrate would do, table by table, writing nothing; exit code 3 when not in sync."""
+    """What a migrate would do, table by table, writing nothing; exit code 3 when not in sync.
+
+    Out of sync: rows to insert or update, and, unless the diff is filtered by date or DAG, rows
+    the target holds from this source (by its ledger) that the source no longer has."""
     from .staging import QuarantineWriter
 
     src = _open_source(source, source_version, tables, exclude_tables, since, dag_ids, chunk_rows, s3_endpoint_url)
-    report = Report("diff")
-    report.info.update({"source": urls.redacted(source) if urls.is_database_url(source) else source,
-                        "target": urls.redacted(target), "source_airflow_version": src.version})
-    _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, True, progress,
-          QuarantineWriter(None), report, dry_run=True)
-    pending = sum(t.counts.get("insert", 0) + t.counts.get("update", 0) for t in report.tables.values())
+    try:
+        report = Report("diff")
+        report.info.update({"source": urls.redacted(source) if urls.is_database_url(source) else source,
+                            "target": urls.redacted(target), "source_airflow_version": src.version})
+        _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, True, progress,
+              QuarantineWriter(None), report, dry_run=True)
+    finally:
+        if isinstance(src, DatabaseSource):
+            src.close()
+    counted = ("insert", "update") if since or dag_ids else ("insert", "update", "gone_from_source")
+    pending = sum(t.counts.get(c, 0) for t in report.tables.values() for c in counted)
     report.info["in_sync"] = pending == 0
     report.info["exit_code"] = 0 if pending == 0 else 3
     return report.finish()
 
 
 def load_source(src, target: str, quarantine, report: Report, on_conflict: str = "skip", source_fernet_key: str | None = None,
-                target_fernet_key: str | None = None, force: bool = False) -> Report:
+                target_fernet_key: str | None = None, force: bool = False, source_key: str | None = None) -> Report:
     """Map and load any source (a ``PackageSource``, a part of one, a ``DatabaseSource``) into ``target``.
 
     What ``import_`` does after verifying, for callers that cut a job into units of work that run
-    apart (``etl.units``, behind the Airflow DAGs); ``quarantine`` receives the unmappable rows.
+    apart (``etl.units``, behind the Airflow DAGs); ``quarantine`` receives the unmappable rows;
+    ``source_key``: the source as the target already recognised it (once, when the job was planned).
     """
-    _load(src, target, None, on_conflict, source_fernet_key, target_fernet_key, force, False, quarantine, report, dry_run=False)
+    _load(src, target, None, on_conflict, source_fernet_key, target_fernet_key, force, False, quarantine, report,
+          dry_run=False, recognised=source_key)
     return report.finish()
 
 
 def _load(src, target_url: str, target_version, on_conflict, source_key, target_key, force, progress, quarantine,
-          report: Report, dry_run: bool) -> None:
+          report: Report, dry_run: bool, recognised: str | None = None) -> None:
     from . import pipeline
     from .load.target import Target
     from .progress import Progress
@@ -326,6 +395,11 @@ def _load(src, target_url: str, target_version, on_conflict, source_key, target_
                     update=on_conflict == "update", force=force, dry_run=dry_run, quarantine=quarantine)
     try:
         report.info["target_airflow_version"] = target.version
+        if recognised:
+            target.use_source(recognised)
+        else:
+            target.recognise(src.fingerprint, src.rows_by_id)
+        report.info["source_key"] = target.source_key
         mapper = Mapper(src.version, target.version, quarantine, read_source=src.batches)
         bar = Progress(progress)
         try:
@@ -333,6 +407,8 @@ def _load(src, target_url: str, target_version, on_conflict, source_key, target_
             bar.finish()
         finally:
             bar.close()
+        if isinstance(src, DatabaseSource):
+            report.notes.extend(src.notes())
         for (table, reason), n in sorted(quarantine.counts.items()):
             report.table(table).add("quarantined", n)
             report.notes.append(f"quarantined {n} {table} rows: {reason}")
@@ -342,6 +418,10 @@ def _load(src, target_url: str, target_version, on_conflict, source_key, target_
         for gone in summary["tables_not_carried"]:
             report.notes.append(f"{gone['table']}: {gone['rows']} rows not loaded: {gone['reason']} (they stay in the source"
                                 f"{' and the export' if isinstance(src, PackageSource) else ''})")
+        for name, t in report.tables.items():
+            if t.counts.get("gone_from_source"):
+                report.notes.append(f"{name}: the target holds {t.counts['gone_from_source']} rows an earlier run loaded "
+                                    "from this source that the source no longer has")
         if not rekeyer.active and not dry_run:
             report.notes.append("no Fernet keys given: encrypted values were copied as they are; the target must use the source's Fernet key")
     finally:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 from . import catalog, pgcopy, pgcsv, retry, tables, urls
+from .cut import Cut, Reads
 from .errors import EtlError
 
 
@@ -44,10 +45,15 @@ class Chunk:
 
 
 class TableReader:
-    """Reads one table of a source database; ``chunks(after=...)`` resumes after a key."""
+    """Reads one table of a source database; ``chunks(after=...)`` resumes after a key.
 
-    def __init__(self, engine: sa.Engine, version: str, name: str, filters: Filters, chunk_rows: int):
+    ``reads`` gives the connections (one snapshot for a whole job: ``etl.cut``), ``cut`` the
+    high-water marks every read stops at."""
+
+    def __init__(self, engine: sa.Engine, version: str, name: str, filters: Filters, chunk_rows: int, *,
+                 reads: Reads | None = None, cut: Cut | None = None):
         self.engine, self.version, self.name, self.filters, self.chunk_rows = engine, version, name, filters, chunk_rows
+        self.reads, self.cut = reads or Reads(engine), cut
         self.table = retry.call(sa.Table, name, sa.MetaData(), autoload_with=engine, what=f"table {name}: reflecting")
         known = {c["name"]: c for c in catalog.load(version).columns(name)} if name in catalog.load(version).tables else {}
         wanted = tables.DAG_COLUMNS if name == "dag" else [c.name for c in self.table.c]
@@ -57,6 +63,8 @@ class TableReader:
         self.schema = pa.schema([pa.field(c, self.types[c]) for c in self.columns])
         self.key = [c.name for c in self.table.primary_key.columns] or None
         self._wide: bool | None = None
+        #: column -> how many MySQL zero dates it held, read as NULL as Airflow's own driver reads them
+        self.zero_dates: dict[str, int] = {}
 
     def _select_list(self) -> list:
         out = []
@@ -70,7 +78,7 @@ class TableReader:
 
     def count(self) -> int:
         def count():
-            with self.engine.connect() as conn:
+            with self.reads.connect() as conn:
                 q = sa.select(sa.func.count()).select_from(self.table).where(*self._where(conn))
                 return conn.execute(q).scalar_one()
         return retry.call(count, what=f"table {self.name}: counting rows")
@@ -79,7 +87,7 @@ class TableReader:
         """Chunks from after the key ``after`` on; a read that the database drops or fails is
         retried on its own, starting again after the last key already yielded."""
         def where():
-            with self.engine.connect() as conn:
+            with self.reads.connect() as conn:
                 return self._where(conn)
         cond = retry.call(where, what=f"table {self.name}: reading the filter")
         if self.key is None:
@@ -111,7 +119,7 @@ class TableReader:
         """One keyset page through the driver: (batch, its last key, closed early by size) or None past the end."""
         pos = [self.columns.index(k) for k in self.key]
         query = sa.select(*self._select_list()).where(*self._after(where, after)).order_by(*(self.table.c[k] for k in self.key))
-        with self.engine.connect() as conn:
+        with self.reads.connect() as conn:
             result = conn.execution_options(stream_results=True).execute(query.limit(limit))
             # Python row objects cost ten times their Arrow size: convert them in slices.
             parts, last, size, full = [], None, 0, False
@@ -132,7 +140,7 @@ class TableReader:
         order, cut into chunks of about CHUNK_BYTES (or ``chunk_rows``); ``position`` follows the
         last key yielded."""
         pos = [self.columns.index(k) for k in self.key]
-        with self.engine.connect() as conn, conn.begin():
+        with self.reads.connect() as conn:
             binary = self._wide_bytes(conn)
             columns = ([pgcopy.wire(self.table.c[c], self.types[c]).label(c) for c in self.columns] if binary
                        else self._select_list())
@@ -179,16 +187,17 @@ class TableReader:
         """A table without a primary key (``_airflow_moved__*``) streams in one query: it has no
         position to resume from, so only the query and its first chunk are retried."""
         def first():
-            conn = self.engine.connect()
+            stack = contextlib.ExitStack()
             try:
+                conn = stack.enter_context(self.reads.connect())
                 result = conn.execution_options(stream_results=True, yield_per=self.chunk_rows).execute(
                     sa.select(*self._select_list()).where(*where))
-                return conn, result, result.fetchmany(self.chunk_rows)
+                return stack, result, result.fetchmany(self.chunk_rows)
             except BaseException:
-                conn.close()
+                stack.close()
                 raise
-        conn, result, rows = retry.call(first, what=f"table {self.name}")
-        with conn:
+        stack, result, rows = retry.call(first, what=f"table {self.name}")
+        with stack:
             try:
                 while rows:
                     yield Chunk(self._batch(rows), None)
@@ -201,15 +210,39 @@ class TableReader:
 
     def _batch(self, rows) -> pa.RecordBatch:
         cols = list(zip(*rows)) if rows else [[] for _ in self.columns]
-        arrays = [_array(list(values), self.types[name]) for name, values in zip(self.columns, cols)]
+        arrays = []
+        for name, values in zip(self.columns, cols):
+            atype = self.types[name]
+            values = list(values)
+            if pa.types.is_timestamp(atype) or pa.types.is_date(atype):
+                zeros = sum(1 for v in values if _zero_date(v))
+                if zeros:
+                    self.zero_dates[name] = self.zero_dates.get(name, 0) + zeros
+                    values = [None if _zero_date(v) else v for v in values]
+            try:
+                arrays.append(_array(values, atype))
+            except (ValueError, TypeError, pa.ArrowException) as exc:
+                raise EtlError(self._unreadable(rows, name, exc)) from None
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+    def _unreadable(self, rows, name: str, exc: Exception) -> str:
+        """One line naming the row (by its key) and the value a column cannot hold."""
+        i = self.columns.index(name)
+        for row in rows:
+            try:
+                _array([row[i]], self.types[name])
+            except (ValueError, TypeError, pa.ArrowException):
+                key = {k: row[self.columns.index(k)] for k in self.key or ()}
+                return (f"table {self.name}, row {key or row}: column {name} holds {row[i]!r}, which is not a "
+                        f"{self.types[name]} ({str(exc).splitlines()[0]})")
+        return f"table {self.name}: column {name}: {str(exc).splitlines()[0]}"
 
     # -- filters ------------------------------------------------------------------------------
     def _where(self, conn: sa.Connection) -> list:
+        out = self.cut.conditions(self.table) if self.cut else []
         if self.name in tables.CONFIG or not (self.filters.since or self.filters.dag_ids):
-            return []
+            return out
         c = self.table.c
-        out = []
         if self.filters.dag_ids:
             if "dag_id" in c:
                 out.append(c.dag_id.in_(self.filters.dag_ids))
@@ -271,6 +304,12 @@ def _array(values: list, atype: pa.DataType) -> pa.Array:
         return pa.array(values, atype)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return pa.array(values).cast(atype)  # MySQL TINYINT booleans, SQLite integer-typed floats
+
+
+def _zero_date(v: Any) -> bool:
+    """MySQL's zero date (``0000-00-00``, stored under a relaxed sql_mode), which PyMySQL hands
+    over as text and MySQLdb, Airflow's driver, as None."""
+    return isinstance(v, str) and v.startswith("0000-00-00")
 
 
 def _datetime(v: Any):

@@ -100,8 +100,6 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
                 out_report.add(keys["inserted"], result.inserted)
                 out_report.add(keys["existing"], result.existing)
                 out_report.add(keys["updated"], result.updated)
-                if result.quarantined:
-                    out_report.add("quarantined", result.quarantined)
                 matched[out_name] = matched.get(out_name, 0) + result.existing + result.updated
                 if progress:
                     progress.advance(out_name, out.num_rows)
@@ -113,7 +111,7 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
         waited = time.perf_counter()
         restorer.wait()
         report.info["restore_wait_seconds"] = round(time.perf_counter() - waited, 3)
-    except Exception:
+    except BaseException:  # an interrupt too: what was set aside goes back before the process ends
         with contextlib.suppress(Exception):  # its failure, if any, is the ledger's to retry
             restorer.wait()
         for loader in [*finished.values(), *loaders.values(), *ahead.values()]:  # what a load set aside goes back before the error is reported
@@ -132,6 +130,8 @@ def _close(loaders: dict, report: Report, matched: dict, dry_run: bool, restorer
         loader.close(restorer)
         if dry_run:
             report.table(out_name).add("only_in_target", max(loader.count_at_start - matched.get(out_name, 0), 0))
+            if loader.from_source > loader.met_again:
+                report.table(out_name).add("gone_from_source", loader.from_source - loader.met_again)
     loaders.clear()
 
 

@@ -68,7 +68,7 @@ class Report:
 
 
 _ORDER = ["rows", "chunks", "bytes", "source", "quarantined", "not_in_target", "inserted", "existing", "updated",
-          "in_target", "insert", "update", "only_in_target"]
+          "in_target", "insert", "update", "only_in_target", "gone_from_source"]
 
 
 def _column_order(name: str) -> tuple[int, str]:

@@ -120,8 +120,18 @@ def select(present: list[str], tables: tuple[str, ...] | None = None, exclude: t
         chosen = set(tables)
     else:
         chosen = {t for t in present if is_default(t)}
+    unknown = [t for t in exclude if t not in present and not _known(t)]
+    if unknown:
+        raise UsageError(f"--exclude-tables names {', '.join(unknown)}, which no Airflow release has")
     chosen -= set(exclude)
     return sorted(chosen, key=load_rank)
+
+
+def _known(name: str) -> bool:
+    """A table some Airflow release has: excluding it is a no-op where this one does not."""
+    from . import catalog
+
+    return fnmatch.fnmatch(name, MOVED_PATTERN) or any(name in catalog.load(v).tables for v in catalog.versions())
 
 
 def load_rank(name: str) -> tuple[int, str]:

@@ -10,7 +10,6 @@ and runs the diff (import); in between, the units of one step run in any order, 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 
 import pyarrow as pa
@@ -19,6 +18,7 @@ import sqlalchemy as sa
 
 from . import commands, tables, urls
 from .errors import EtlError
+from .cut import Cut
 from .extract import TableReader, from_jsonable
 from .report import Report
 from .staging import PackageWriter, QuarantineWriter, Store, parquet_bytes, schema_from_json, schema_to_json
@@ -62,19 +62,24 @@ class ExportJob:
         self.unit_rows = unit_rows
         self.store = Store(dest, s3_endpoint_url)
         # The identity of ``export``'s, plus the unit size: a CLI export and a DAG export never resume each other.
-        self.identity = {"source": urls.redacted(source), "source_fingerprint": src.fingerprint,
-                         "airflow_version": src.version, "alembic_revision": src.revision,
-                         "filters": src.filters.to_dict(), "tables": src.names, "chunk_rows": chunk_rows,
-                         "unit_rows": unit_rows}
+        self.source = urls.redacted(source)
+        self.identity = commands.export_identity(src, chunk_rows, unit_rows=unit_rows)
         self.writer = PackageWriter(self.store, self.identity)
 
     def close(self) -> None:
-        self.src.engine.dispose()
+        self.src.close()
+
+    def _resume(self) -> None:
+        """A unit's task runs in a process of its own: the export's start and cut come from its state."""
+        if not self.writer.resume():
+            raise EtlError(f"{self.store.dest} has no export in progress: run the export's plan task first")
+        self.src.cut = Cut.from_dict(self.writer.cut)
 
     def plan(self) -> list[dict]:
         """The units, table by table in load order; none when ``dest`` already holds this export."""
-        if not self.writer.open():
+        if not self.writer.open(cut=self.src.cut.to_dict(), exclusive=False):
             return []
+        self.src.cut = Cut.from_dict(self.writer.cut)
         units = []
         for name in self.src.names:
             reader = self.src.reader(name)
@@ -104,24 +109,26 @@ class ExportJob:
             state = json.loads(self.store.read(state_rel))
             if state["unit"] == unit:
                 return _summary(state)
+        self._resume()
         reader = _RangeReader(self.src.engine, self.src.version, name, self.src.filters, self.src.chunk_rows,
+                              reads=self.src.reads, cut=self.src.cut,
                               until=[from_jsonable(v) for v in unit["until"]] if unit["until"] else None)
         chunks = []
         after = [from_jsonable(v) for v in unit["after"]] if unit["after"] else None
-        for n, chunk in enumerate(reader.chunks(after=after)):
+        for n, chunk in enumerate(self.src.read(reader, after=after)):
             batch = _unpause(chunk.batch, unpaused) if name == "dag" and unpaused else chunk.batch
-            rel = f"{name}/{name}.u{unit['unit']:05d}.{n:06d}.parquet"
-            data = parquet_bytes(batch)
-            self.store.write(rel, data)
-            chunks.append({"file": rel, "rows": batch.num_rows, "sha256": _sha256(data), "bytes": len(data)})
+            entry, data = self.writer.chunk_file(name, f"{name}/{name}.u{unit['unit']:05d}.{n:06d}.parquet", batch)
+            self.store.write(entry["file"], data)
+            chunks.append(entry)
         state = {"unit": unit, "chunks": chunks, "schema": schema_to_json(reader.schema)}
         self.store.write(state_rel, json.dumps(state).encode())
         return _summary(state)
 
     def finish(self, units: list[dict]) -> Report:
         """The manifest, from the state files of every planned unit; written last, as by ``export``."""
+        self._resume()
         report = Report("export")
-        report.info.update({"source": self.identity["source"], "dest": self.store.dest,
+        report.info.update({"source": self.source, "dest": self.store.dest,
                             "airflow_version": self.src.version, "units": len(units)})
         for name in self.src.names:
             states = []
@@ -137,7 +144,7 @@ class ExportJob:
             t.add("rows", sum(c["rows"] for c in chunks))
             t.add("chunks", len(chunks))
             t.add("bytes", sum(c["bytes"] for c in chunks))
-        self.writer.commit({"source_dialect": self.src.engine.dialect.name, "airflow_version": self.src.version,
+        self.writer.commit({"source": self.source, "source_dialect": self.src.engine.dialect.name, "airflow_version": self.src.version,
                             "alembic_revision": self.src.revision, "filters": self.src.filters.to_dict()})
         return report.finish()
 
@@ -145,8 +152,8 @@ class ExportJob:
 class _RangeReader(TableReader):
     """A table's rows up to and including ``until`` (all when None): an export unit's upper bound."""
 
-    def __init__(self, *args, until: list | None):
-        super().__init__(*args)
+    def __init__(self, *args, until: list | None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.until = until
 
     def _where(self, conn: sa.Connection) -> list:
@@ -167,10 +174,6 @@ def _unpause(batch: pa.RecordBatch, dag_ids: list[str]) -> pa.RecordBatch:
 def _summary(state: dict) -> dict:
     return {"table": state["unit"]["table"], "unit": state["unit"]["unit"], "chunks": len(state["chunks"]),
             "rows": sum(c["rows"] for c in state["chunks"])}
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _jsonable(v):
@@ -244,6 +247,7 @@ class ImportJob:
         try:
             Mapper(src.version, target.version, QuarantineWriter(None))
             target.prepare()
+            source = target.recognise(src.fingerprint, src.rows_by_id)  # once, for every unit
         finally:
             target.dispose()
         steps: list[list[dict]] = [[] for _ in LOAD_STEPS]
@@ -252,7 +256,7 @@ class ImportJob:
             size = max(n, 1) if name in WHOLE else self.unit_chunks
             for i, first in enumerate(range(0, n, size)):
                 steps[step_of(name)].append({"table": name, "first": first, "stop": min(first + size, n),
-                                             "name": f"{name}.{i:05d}"})
+                                             "name": f"{name}.{i:05d}", "source": source})
         return steps
 
     def run(self, unit: dict) -> dict:
@@ -260,7 +264,7 @@ class ImportJob:
         src = PackageSlice(self.dest, self.endpoint, unit["table"], unit["first"], unit["stop"])
         report = commands.load_source(src, self.target, UnitQuarantine(src.store, unit["name"]), Report("import"),
                                       on_conflict=self.on_conflict, source_fernet_key=self.keys[0],
-                                      target_fernet_key=self.keys[1], force=True)
+                                      target_fernet_key=self.keys[1], force=True, source_key=unit.get("source"))
         return {name: t.counts for name, t in report.tables.items()}
 
     def finish(self) -> Report:

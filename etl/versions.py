@@ -65,6 +65,12 @@ def detect_version(engine: sa.Engine, override: str | None = None) -> tuple[str,
     if override:
         if override not in catalog.versions():
             raise UsageError(f"Airflow {override} is not in the schema catalog (known: {', '.join(catalog.versions())})")
+        present = sa.inspect(engine).get_table_names()
+        if present and revision is None and not {"dag_run", "task_instance"} <= set(present):
+            raise EtlError(f"{engine.url.render_as_string(hide_password=True)} is not an Airflow database (no "
+                           f"alembic_version, no dag_run and task_instance; it has {', '.join(sorted(present)[:5])}"
+                           f"{', ...' if len(present) > 5 else ''}): a version override names the version of an "
+                           "Airflow database, and builds a schema only in an empty one")
         return override, revision
     if revision is None:
         raise EtlError(f"{engine.url.render_as_string(hide_password=True)} has no single alembic revision "

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.mysql import LONGBLOB
 
 from etl import ledger, urls
 from etl.load.base import TableLoader, describe, dialect_for
+from etl.load.references import References
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2024, 1, 1, 12, 30, 0, 123456, tzinfo=UTC)
@@ -56,11 +57,13 @@ XCOMS = pa.record_batch({"dag_run_id": pa.array([10, 11, 12], pa.int32()), "key"
 def _load_all(engine, chunk_suffix="", dry_run=False):
     dialect, inspector = dialect_for(engine), sa.inspect(engine)
     maps = ledger.IdMaps(engine, "src", {"job", "dag_run"})
+    # Airflow 2.10.5's foreign keys whose columns a stand-in has (task_instance -> dag_run) are checked too.
+    references = References(engine, "2.10.5")
     quarantined, results = [], {}
     for name, batch in (("job", JOBS), ("dag_run", RUNS), ("task_instance", TIS), ("xcom", XCOMS)):
         table = sa.Table(name, sa.MetaData(), autoload_with=engine)
-        loader = TableLoader(engine, dialect, describe(table, inspector), "src", False, maps, {},
-                             lambda t, b, r: quarantined.append((t, b.num_rows, r)), dry_run=dry_run)
+        loader = TableLoader(engine, dialect, describe(table, inspector, "2.10.5"), "src", False, maps, {},
+                             lambda t, b, r: quarantined.append((t, b.num_rows, r)), references, dry_run=dry_run)
         results[name] = loader.load(batch, f"sha-{name}{chunk_suffix}", "chunk-0")
     return results, quarantined
 

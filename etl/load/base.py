@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -22,6 +23,9 @@ import sqlalchemy as sa
 
 from .. import ledger, urls
 from ..errors import EtlError
+from .references import Check, References, checks
+
+log = logging.getLogger("etl.load")
 
 #: Natural keys that no constraint declares, or where a table has several unique keys.
 NATURAL_KEYS = {
@@ -62,13 +66,16 @@ class TargetTable:
     natural_key: tuple[str, ...] | None
     surrogate: str | None  # "int" (target-assigned id), "uuid" (kept unless the target has the row) or None
     refs: list[Ref]
+    checks: list[Check] = dataclasses.field(default_factory=list)
+    #: NOT NULL columns the loader must be given a value for (no server default, not the target's own id)
+    required: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.table.name
 
 
-def describe(table: sa.Table, inspector: sa.Inspector) -> TargetTable:
+def describe(table: sa.Table, inspector: sa.Inspector, version: str) -> TargetTable:
     pk = tuple(c.name for c in table.primary_key.columns)
     uniques = [tuple(u["column_names"]) for u in inspector.get_unique_constraints(table.name)]
     uniques += [tuple(i["column_names"]) for i in inspector.get_indexes(table.name) if i.get("unique")]
@@ -91,7 +98,9 @@ def describe(table: sa.Table, inspector: sa.Inspector) -> TargetTable:
     for col, target in SOFT_REFERENCES.get(table.name, {}).items():
         if col in table.c and all(r.column != col for r in refs):
             refs.append(Ref(col, target, table.c[col].nullable))
-    return TargetTable(table, key, surrogate, refs)
+    required = tuple(c.name for c in table.c if not c.nullable and c.server_default is None
+                     and not (c.primary_key and surrogate == "int"))
+    return TargetTable(table, key, surrogate, refs, checks(version, table), required)
 
 
 @dataclasses.dataclass
@@ -100,8 +109,19 @@ class ChunkResult:
     inserted: int = 0
     updated: int = 0
     existing: int = 0
-    quarantined: int = 0
     skipped_chunk: bool = False
+
+
+class Held:
+    """A writer lock, released by closing what holds it (a session, a file)."""
+
+    def __init__(self, holder=None):
+        self.holder = holder
+
+    def release(self) -> None:
+        if self.holder is not None:
+            self.holder.close()
+            self.holder = None
 
 
 class Dialect:
@@ -130,6 +150,11 @@ class Dialect:
     def repair_sequence(self, conn: sa.Connection, table: sa.Table) -> None:
         """Move the id generator past max(id), so the next scheduler insert cannot collide."""
 
+    def hold(self, engine: sa.Engine, shared: bool):
+        """The target's writer lock, held until ``release()``; None when another job holds it.
+        ``shared``: a forced writer (``--force``, the import DAG's units) that others may join."""
+        raise NotImplementedError
+
     def bulk_sessions(self, engine: sa.Engine) -> None:
         """Let the engine's sessions commit without waiting for the disk; ``durable`` waits once."""
 
@@ -143,6 +168,11 @@ class Dialect:
 
     def restore(self, conn: sa.Connection, definition: str) -> None:
         raise NotImplementedError
+
+    def remove_violators(self, conn: sa.Connection, definition: str) -> tuple[pa.RecordBatch, str] | None:
+        """Delete the rows that keep the foreign key ``definition`` from being restored; returns them
+        and why, or None when ``definition`` is no foreign key."""
+        return None
 
     def lookup(self, conn: sa.Connection, table: sa.Table, key: tuple[str, ...], batch: pa.RecordBatch) -> dict:
         """Target ids of the rows whose natural key is in ``batch``: {key tuple: id}."""
@@ -171,8 +201,8 @@ class TableLoader:
 
     def __init__(self, engine: sa.Engine, dialect: Dialect, target: TargetTable, source: str, update: bool,
                  id_maps: ledger.IdMaps, uuid_maps: dict[str, dict[str, str]], quarantine: Quarantine,
-                 dry_run: bool = False, exclusive: bool = False):
-        self.exclusive = exclusive
+                 references: References, dry_run: bool = False, exclusive: bool = False):
+        self.exclusive, self.references = exclusive, references
         self.engine, self.dialect, self.t, self.source, self.update = engine, dialect, target, source, update
         self.id_maps, self.quarantine, self.dry_run = id_maps, quarantine, dry_run
         self.uuid_maps = uuid_maps
@@ -203,8 +233,13 @@ class TableLoader:
                 dropped = dialect.defer_checks(conn, target.table)
                 ledger.record_deferred(conn, target.name, dropped)
                 self.deferred = [d for _, d in dropped]
+        references.loading(target.name, empty=self.count_at_start == 0)
+        # This source's rows of the table as the ledger knows them, and how many the dry run meets again:
+        # the difference is what the target holds from this source and the source no longer has.
+        self.from_source = len(id_maps.get(target.name)) if target.surrogate == "int" and self.ledgered else 0
+        self.met_again = 0
         # Every row in the table came through our ledger: a plain bulk insert cannot conflict
-        # except with a re-chunked earlier run, which the IntegrityError fallback handles.
+        # except with a re-chunked earlier run or another source's rows, which the IntegrityError fallback handles.
         self.clean = self.count_at_start <= ours and not update
 
     def load(self, batch: pa.RecordBatch, sha256: str, chunk: str) -> ChunkResult:
@@ -214,8 +249,11 @@ class TableLoader:
                                   else ledger.chunk_loaded(conn, self.source, self.t.name, sha256)):
                 result.skipped_chunk = True
                 result.existing = batch.num_rows
+                if self.from_source:  # the dry run meets these rows again, though it loads nothing
+                    ids = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
+                    self.met_again += int(self.id_maps.get(self.t.name).lookup(ids)[0].sum())
                 return result
-            batch = self._resolve(batch, result)
+            batch = self._required(self._check(self._resolve(batch)))
             if self.t.surrogate == "int":
                 self._load_int(conn, batch, result)
             elif self.t.surrogate == "uuid":
@@ -224,6 +262,7 @@ class TableLoader:
                 self._load_keyed(conn, batch, result)
             if not self.dry_run:
                 ledger.record_chunk(conn, self.source, self.t.name, sha256, chunk, batch.num_rows, result.inserted)
+        self.references.wrote(self.t.name, batch)
         if self.loaded_here is not None and not self.dry_run:
             self.loaded_here.add(sha256)
         return result
@@ -233,13 +272,13 @@ class TableLoader:
         handed to ``restorer``, while the next table loads."""
         if self.deferred:
             if restorer is None:
-                restore(self.engine, self.dialect, self.t.name, self.deferred)
+                restore(self.engine, self.dialect, self.t.name, self.deferred, self.quarantine)
             else:
                 restorer.submit(self.t.name, self.deferred)
             self.deferred = []
 
     # -- references -------------------------------------------------------------------------
-    def _resolve(self, batch: pa.RecordBatch, result: ChunkResult) -> pa.RecordBatch:
+    def _resolve(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         for ref in self.t.refs:
             if ref.column not in batch.schema.names:
                 continue
@@ -253,7 +292,7 @@ class TableLoader:
                 mask = pa.array(~found)
                 batch = _set(batch, ref.column, pc.if_else(mask, pa.nulls(len(new), new.type), new))
                 if missing.any():
-                    batch = self._missing(batch, ref, missing, result)
+                    batch = self._missing(batch, ref, missing)
             elif ref.table in self.uuid_maps:
                 remap = self.uuid_maps[ref.table]
                 if remap:
@@ -263,13 +302,41 @@ class TableLoader:
                 batch = _set(batch, ref.column, pa.nulls(batch.num_rows, col.type))
         return batch
 
-    def _missing(self, batch: pa.RecordBatch, ref: Ref, missing: np.ndarray, result: ChunkResult) -> pa.RecordBatch:
+    def _check(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Rows that would break a foreign key the id maps do not cover: NULLed where every column
+        of the key allows it, else quarantined (``etl.load.references``)."""
+        for check in self.t.checks:
+            if batch.num_rows == 0 or not all(c in batch.schema.names for c in check.columns):
+                continue
+            if check.columns[0] in {r.column for r in self.t.refs} and self.id_maps.knows(check.table):
+                continue  # an id the id map already rewrote, or NULLed, or quarantined
+            bad = self.references.missing(check, batch)
+            if not pc.any(bad).as_py():
+                continue
+            if check.nullable:
+                for c in check.columns:
+                    batch = _set(batch, c, pc.if_else(bad, pa.nulls(batch.num_rows, batch.column(c).type), batch.column(c)))
+                continue
+            self.quarantine(self.t.name, batch.filter(bad), check.reason())
+            batch = batch.filter(pc.invert(bad))
+        return batch
+
+    def _required(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Rows with NULL where the target requires a value (a MySQL zero date read as NULL, a source
+        that never enforced the column) are quarantined, not left to fail the chunk."""
+        for name in self.t.required:
+            if name in batch.schema.names and batch.column(name).null_count:
+                bad = pc.is_null(batch.column(name))
+                self.quarantine(self.t.name, batch.filter(bad), f"{name} is NULL, which the target's {self.t.name} does not allow")
+                batch = batch.filter(pc.invert(bad))
+        return batch
+
+    def _missing(self, batch: pa.RecordBatch, ref: Ref, missing: np.ndarray) -> pa.RecordBatch:
         """A reference to a row that was not loaded: NULL where Airflow allows it, else quarantine."""
         if ref.nullable:
             return batch
         bad = pa.array(missing)
         self.quarantine(self.t.name, batch.filter(bad), f"{ref.column} refers to a {ref.table} row that was not loaded")
-        result.quarantined += int(missing.sum())
         return batch.filter(pc.invert(bad))
 
     # -- the three kinds of table -------------------------------------------------------------
@@ -304,6 +371,7 @@ class TableLoader:
         src = batch.column("id").to_numpy(zero_copy_only=False).astype(np.int64)
         done, _ = idmap.lookup(src)
         if done.any():
+            self.met_again += int(done.sum())
             result.existing += int(done.sum())
             batch, src = batch.filter(pa.array(~done)), src[~done]
         if batch.num_rows == 0:
@@ -330,6 +398,17 @@ class TableLoader:
                 # Stand-in ids, so that dependants of would-be-inserted rows resolve in the dry run.
                 ids = np.arange(self._fake_id, self._fake_id + batch.num_rows, dtype=np.int64)
                 self._fake_id += batch.num_rows
+            elif self.clean and self.t.natural_key:
+                # Another source's rows (default_pool) or a re-chunked earlier run may hold the key.
+                unnumbered = batch
+                ids = self.dialect.reserve_ids(conn, self.t.table, batch.num_rows, self.exclusive)
+                batch = _set(batch, "id", pa.array(ids).cast(batch.schema.field("id").type))
+                try:
+                    with conn.begin_nested():
+                        self.dialect.insert(conn, self.t.table, batch)
+                except sa.exc.IntegrityError:
+                    self.clean = False
+                    return self._load_int(conn, unnumbered, result)
             else:
                 ids = self.dialect.reserve_ids(conn, self.t.table, batch.num_rows, self.exclusive)
                 batch = _set(batch, "id", pa.array(ids).cast(batch.schema.field("id").type))
@@ -376,8 +455,8 @@ class Restorer:
     dropping a foreign key locks the table it references, which an index build holds.
     """
 
-    def __init__(self, engine: sa.Engine, dialect: Dialect):
-        self.engine, self.dialect = engine, dialect
+    def __init__(self, engine: sa.Engine, dialect: Dialect, quarantine: Quarantine):
+        self.engine, self.dialect, self.quarantine = engine, dialect, quarantine
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="etl-restore")
         self._handed: list[concurrent.futures.Future] = []
 
@@ -385,7 +464,7 @@ class Restorer:
         """Queue ``table``'s restore; a failed earlier one is raised here."""
         for done in [f for f in self._handed if f.done()]:
             done.result()
-        self._handed.append(self._pool.submit(restore, self.engine, self.dialect, table, list(definitions)))
+        self._handed.append(self._pool.submit(restore, self.engine, self.dialect, table, list(definitions), self.quarantine))
 
     def wait(self) -> None:
         """Every table handed in is restored; the first failure is raised here."""
@@ -396,17 +475,26 @@ class Restorer:
         self._pool.shutdown(wait=True)
 
 
-def restore(engine: sa.Engine, dialect: Dialect, table: str, definitions: list[str]) -> None:
-    """All of ``table``'s definitions in one transaction, with the ledger rows that held them; a
-    foreign key the loaded rows break fails it in one line, and the ledger keeps them for a re-run."""
+def restore(engine: sa.Engine, dialect: Dialect, table: str, definitions: list[str], quarantine: Quarantine) -> None:
+    """All of ``table``'s definitions in one transaction, with the ledger rows that held them.
+
+    Should the loaded rows break a foreign key after all (the loaders check every key first), the
+    rows that break it are moved to the quarantine and the key is restored: a target is never left
+    without its indexes and keys, and a re-run gets past the rows that stopped this one."""
     with engine.begin() as conn:
         for definition in definitions:
             try:
                 with conn.begin_nested():
                     dialect.restore(conn, definition)
             except sa.exc.IntegrityError as exc:
-                raise EtlError(f"{table}: cannot restore {definition!r} after the load: {urls.first_line(exc.orig)}; "
-                               "the rows that break it are in the target, fix or remove them and run again") from exc
+                moved = dialect.remove_violators(conn, definition)
+                if moved is None:
+                    raise EtlError(f"{table}: cannot restore {definition!r} after the load: {urls.first_line(exc.orig)}") from exc
+                rows, reason = moved
+                quarantine(table, rows, reason)
+                log.warning("%s: %d rows %s", table, rows.num_rows, reason)
+                with conn.begin_nested():
+                    dialect.restore(conn, definition)
         ledger.forget_deferred(conn, table)
 
 

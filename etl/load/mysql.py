@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 
 from . import rowwise
-from .base import Dialect
+from .base import Dialect, Held
 
 
 class MySQL(Dialect):
@@ -28,6 +28,20 @@ class MySQL(Dialect):
         stmt = stmt.on_duplicate_key_update({key[0]: stmt.table.c[key[0]]})
         rowwise.execute(conn, stmt, new)
         return new.num_rows
+
+    def hold(self, engine, shared):
+        conn = engine.connect()
+        name = sa.func.concat("airflow-metadata-etl:", sa.func.database())
+        # GET_LOCK has no shared mode: a forced writer only makes sure that no exclusive one runs.
+        held = conn.execute(sa.select(sa.func.is_free_lock(name) if shared else sa.func.get_lock(name, 0))).scalar()
+        conn.commit()
+        if not held:
+            conn.close()
+            return None
+        if shared:
+            conn.close()
+            return Held()
+        return Held(conn)
 
     def reserve_ids(self, conn, table, n, exclusive):
         # FOR UPDATE on the index end blocks concurrent inserts until our chunk commits.

@@ -5,6 +5,9 @@ lets the conflict handling stay one set-based statement built by SQLAlchemy's di
 """
 from __future__ import annotations
 
+import re
+import uuid
+
 import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
@@ -12,8 +15,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from .. import drivers
 from . import pgbinary
-from .base import Dialect
+from .base import Dialect, Held
 
+
+#: The advisory lock key of a target's writers (advisory locks are per database); any constant unlikely elsewhere.
+LOCK_KEY = 0x5D2D1E6C3F0A7B41
 
 #: COPY payload handed to the driver at a time: a chunk's is never whole in memory.
 _PART_BYTES = 1 << 20
@@ -55,6 +61,16 @@ class PostgreSQL(Dialect):
         if top is not None and (last is None or top > last):
             conn.execute(sa.select(sa.func.setval(seq, top)))
 
+    def hold(self, engine, shared):
+        conn = engine.connect()
+        take = sa.func.pg_try_advisory_lock_shared if shared else sa.func.pg_try_advisory_lock
+        held = conn.execute(sa.select(take(LOCK_KEY))).scalar_one()
+        conn.commit()  # a session lock: it outlives the transaction and ends with the connection
+        if not held:
+            conn.close()
+            return None
+        return Held(conn)
+
     def bulk_sessions(self, engine):
         # A chunk's commit need not wait for its WAL to reach the disk: a server crash loses the last
         # chunks together with their ledger rows, and the re-run loads them again. Under load that wait
@@ -95,6 +111,22 @@ class PostgreSQL(Dialect):
         conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '256MB'")
         conn.exec_driver_sql(definition)
 
+    def remove_violators(self, conn, definition):
+        m = _FOREIGN_KEY.match(definition)
+        if not m:
+            return None
+        name, key, cols, referred, referred_cols = (m.group(i) for i in range(1, 6))
+        meta = sa.MetaData()
+        table = sa.Table(_unquote(name.split(".")[-1]), meta, autoload_with=conn)
+        other = sa.Table(_unquote(referred.split(".")[-1]), meta, autoload_with=conn)
+        mine, theirs = [table.c[_unquote(c)] for c in cols.split(", ")], [other.c[_unquote(c)] for c in referred_cols.split(", ")]
+        dangling = sa.and_(*(c.is_not(None) for c in mine),
+                           ~sa.exists().where(*(t == c for t, c in zip(theirs, mine))))
+        rows = conn.execute(sa.delete(table).where(dangling).returning(*table.c)).mappings().all()
+        batch = pa.RecordBatch.from_pylist([{k: (str(v) if isinstance(v, uuid.UUID) else v) for k, v in r.items()} for r in rows])
+        return batch, (f"broke foreign key {_unquote(key)} ({', '.join(c.name for c in mine)} -> {other.name}) after the load, "
+                       "and were moved aside so that the key could be restored")
+
     def _stage(self, conn: sa.Connection, table: sa.Table, batch: pa.RecordBatch) -> sa.TableClause:
         """A session-private copy of the batch; dropped with the transaction that owns the chunk."""
         prep = conn.dialect.identifier_preparer
@@ -113,6 +145,14 @@ class PostgreSQL(Dialect):
         cols = ", ".join(prep.quote(c) for c in batch.schema.names)
         parts = pgbinary.stream(batch, pgbinary.encoders(table, batch.schema.names), _PART_BYTES)
         drivers.copy_in(conn, f"COPY {target} ({cols}) FROM STDIN (FORMAT binary)", parts)
+
+
+#: ``defer_checks``'s foreign key definitions, as ``pg_get_constraintdef`` writes them.
+_FOREIGN_KEY = re.compile(r'^ALTER TABLE (\S+) ADD CONSTRAINT (\S+) FOREIGN KEY \((.+?)\) REFERENCES (\S+?)\((.+?)\)')
+
+
+def _unquote(name: str) -> str:
+    return name[1:-1].replace('""', '"') if name.startswith('"') else name
 
 
 def _qualified(conn: sa.Connection, table: sa.Table) -> str:

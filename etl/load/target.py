@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from .. import catalog, ledger, tables, urls, versions
+from .. import catalog, identity, ledger, tables, urls, versions
 from ..errors import EtlError
 from .base import Quarantine, Restorer, TableLoader, describe, dialect_for, restore
+from .references import References
 
 #: Airflow's own default for scheduler_health_check_threshold is 30 s; allow a missed beat.
 SCHEDULER_ALIVE = dt.timedelta(seconds=60)
@@ -45,12 +46,19 @@ class Target:
             self._refuse_live_scheduler()
         self.dry_run = dry_run
         self.dialect = dialect_for(self.engine)
+        self.lock = None
         if not dry_run:
             self.dialect.bulk_sessions(self.engine)
         self.source_key, self.update, self.quarantine = source_key, update, quarantine
         self.uuid_maps: dict[str, dict[str, str]] = {}
         self.touched: set[str] = set()
         self._reflect()
+        if not dry_run:
+            # One job writes at a time; the units of one import DAG share the target (``force``).
+            self.lock = self.dialect.hold(self.engine, shared=force)
+            if self.lock is None:
+                raise EtlError(f"another airflow-metadata-etl job is writing to {urls.redacted(url)}: wait until it "
+                               "ends (two loads into one target race for the same rows and indexes)")
 
     def _reflect(self) -> None:
         self.inspector = sa.inspect(self.engine)
@@ -58,8 +66,19 @@ class Target:
         self.meta = sa.MetaData()
         self.described = {}
         self._reflecting = threading.Lock()
-        loadable_int = {n for n in self.names if tables.is_default(n) and self._surrogate(n) == "int"}
-        self.id_maps = ledger.IdMaps(self.engine, self.source_key, loadable_int)
+        self._loadable_int = {n for n in self.names if tables.is_default(n) and self._surrogate(n) == "int"}
+        self.id_maps = ledger.IdMaps(self.engine, self.source_key, self._loadable_int)
+        self.references = References(self.engine, self.version)
+
+    def recognise(self, fingerprint: str, source_rows: identity.SourceRows) -> str:
+        """Name the source as the target's ledger knows it (``etl.identity``); before any loader."""
+        with self.engine.connect() as conn:
+            self.use_source(identity.recognise(conn, fingerprint, source_rows))
+        return self.source_key
+
+    def use_source(self, key: str) -> None:
+        self.source_key = key
+        self.id_maps = ledger.IdMaps(self.engine, key, self._loadable_int)
 
     def _surrogate(self, name: str) -> str | None:
         return self.describe(name).surrogate
@@ -68,7 +87,8 @@ class Target:
         # The pipeline's reading thread conforms batches while the loading thread opens loaders.
         with self._reflecting:
             if name not in self.described:
-                self.described[name] = describe(sa.Table(name, self.meta, autoload_with=self.engine), self.inspector)
+                self.described[name] = describe(sa.Table(name, self.meta, autoload_with=self.engine), self.inspector,
+                                                self.version)
             return self.described[name]
 
     def has(self, name: str) -> bool:
@@ -77,7 +97,8 @@ class Target:
     def loader(self, name: str) -> TableLoader:
         self.touched.add(name)
         return TableLoader(self.engine, self.dialect, self.describe(name), self.source_key, self.update,
-                           self.id_maps, self.uuid_maps, self.quarantine, dry_run=self.dry_run, exclusive=not self.forced)
+                           self.id_maps, self.uuid_maps, self.quarantine, self.references, dry_run=self.dry_run,
+                           exclusive=not self.forced)
 
     def loaders_ahead(self, names: list[str]) -> dict[str, TableLoader]:
         """Loaders for the tables among ``names``, made before any row is written when the run may
@@ -88,7 +109,7 @@ class Target:
         return {name: self.loader(name) for name in names if self.has(name)}
 
     def restorer(self) -> Restorer:
-        return Restorer(self.engine, self.dialect)
+        return Restorer(self.engine, self.dialect, self.quarantine)
 
     def prepare(self) -> None:
         """The schema of an empty target and the ledger tables, created only once every check has
@@ -107,12 +128,8 @@ class Target:
         with self.engine.connect() as conn:
             left = ledger.deferred(conn)
         for name, definitions in left.items():
-            restore(self.engine, self.dialect, name, definitions)
+            restore(self.engine, self.dialect, name, definitions, self.quarantine)
         return bool(left)
-
-    def count(self, name: str) -> int:
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(self.describe(name).table)).scalar_one()
 
     def conform(self, name: str, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Keep the columns the target table has; a required column the batch lacks is an error now."""
@@ -162,6 +179,9 @@ class Target:
             self.dialect.durable(conn)
 
     def dispose(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         self.engine.dispose()
 
     def _refuse_live_scheduler(self) -> None:
