@@ -4,24 +4,28 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
+from typing import Callable
 
 import sqlalchemy as sa
 
-from etl import urls
+from etl import ledger, urls
 
 
-def cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
+    """``cwd``: where a migrate's ``./etl-quarantine`` goes (the checkout otherwise)."""
     import os
 
     out = subprocess.run([sys.executable, "-m", "etl.cli", *args], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, **(env or {})})
+                         env={**os.environ, **(env or {})}, cwd=cwd)
     if check and out.returncode not in (0, 3):
         raise AssertionError(f"{args[0]} exited {out.returncode}: {out.stderr}")
     return out
 
 
-def report(*args: str, env: dict | None = None) -> dict:
-    return json.loads(cli(*args, "--json", env=env).stdout)
+def report(*args: str, env: dict | None = None, cwd=None) -> dict:
+    return json.loads(cli(*args, "--json", env=env, cwd=cwd).stdout)
 
 
 def rows(url: str, table: str, columns: list[str] | None = None) -> list[tuple]:
@@ -40,3 +44,60 @@ def count(url: str, table: str) -> int:
         n = conn.execute(sa.select(sa.func.count()).select_from(sa.table(table))).scalar_one()
     engine.dispose()
     return n
+
+
+def indexes(url: str) -> dict:
+    """Every table's indexes and foreign keys."""
+    engine = urls.open_engine(url)
+    inspector = sa.inspect(engine)
+    out = {t: (sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(t)),
+               sorted((f["name"], tuple(f["constrained_columns"]), f["referred_table"], str(f.get("options"))) for f in inspector.get_foreign_keys(t)))
+           for t in inspector.get_table_names() if not t.startswith("_etl_")}
+    engine.dispose()
+    return out
+
+
+def chunks_done(engine: sa.Engine, table: str | None = None) -> int:
+    """Chunks (of ``table``) the target's ledger holds: how far a running load has got."""
+    query = sa.select(sa.func.count()).select_from(ledger.CHUNKS)
+    if table:
+        query = query.where(ledger.CHUNKS.c.table_name == table)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(query).scalar_one()
+    except sa.exc.DBAPIError:  # no ledger yet, or SQLite busy for a moment
+        return -1
+
+
+class LiveWriter(threading.Thread):
+    """A source that is written while a job reads it: ``step(engine, n)`` for n = 0, 1, ... until
+    the ``with`` block ends; it starts once two steps are in, and an error in it fails the test."""
+
+    def __init__(self, url: str, step: Callable[[sa.Engine, int], None]):
+        super().__init__(daemon=True)
+        self.engine, self.step = urls.open_engine(url), step
+        self.halt = threading.Event()
+        self.runs = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                self.step(self.engine, self.runs)
+                self.runs += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.error = exc
+
+    def __enter__(self) -> LiveWriter:
+        self.start()
+        deadline = time.monotonic() + 60
+        while self.runs < 2 and self.error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.halt.set()
+        self.join(60)
+        self.engine.dispose()
+        if self.error is not None:
+            raise self.error

@@ -9,6 +9,7 @@ steps against every catalog version; the rest is slow.
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import fcntl
 import json
 import os
@@ -24,7 +25,7 @@ import sqlalchemy as sa
 
 from etl import airflow_release, catalog, tables, units, urls
 from etl.load.base import SOFT_REFERENCES
-from helpers import cli
+from helpers import LiveWriter, cli
 
 VERSION = "2.10.5"
 REPO = Path(__file__).resolve().parent.parent
@@ -225,8 +226,6 @@ def _content(rows: list[dict], columns: list[str]) -> collections.Counter:
 
 
 def _plain(v):
-    import datetime as dt
-
     if isinstance(v, dt.datetime):
         return (v if v.tzinfo else v.replace(tzinfo=dt.timezone.utc)).timestamp()
     return v
@@ -260,7 +259,9 @@ def test_export_dag_then_import_dag_move_the_history(pg_server, s3_bucket, s3_en
     export_id = old.add_example("airflow_history_export.py", chunk_rows="50", unit_rows="200")
     paused_before = old.paused()
     assert set(paused_before.values()) == {True, False}
-    old.dag_test(export_id)
+    with LiveWriter(old_url, _live_run) as writer:  # the old environment's scheduler and workers go on meanwhile
+        old.dag_test(export_id)
+        written = writer.runs
     assert old.paused() == paused_before
     paused_by_export = json.loads(old.scalar(f"SELECT convert_from(value, 'UTF8') FROM xcom WHERE dag_id = '{export_id}' "
                                              "AND task_id = 'pause_other_dags'"))
@@ -269,6 +270,13 @@ def test_export_dag_then_import_dag_move_the_history(pg_server, s3_bucket, s3_en
     package = _package(dest, s3_endpoint)
     files = [c["file"] for c in package.manifest["tables"]["task_instance"]["chunks"]]
     assert len({f.split(".")[1] for f in files}) >= 3, f"task_instance was not spread over units: {files}"
+    # One cut, though the units read at different times on different workers: every task instance's run
+    # is in the export, and the runs written after the cut are not (they come with the next export).
+    runs = {(r["dag_id"], r["run_id"]) for b, _, _ in package.chunks("dag_run") for r in b.to_pylist()}
+    ti_runs = {(r["dag_id"], r["run_id"]) for b, _, _ in package.chunks("task_instance") for r in b.to_pylist()}
+    assert ti_runs <= runs, f"task instances exported without their dag run: {sorted(ti_runs - runs)[:3]}"
+    live = {r for r in runs if r[0] == "live_writer"}
+    assert 0 < len(live) < written, f"{len(live)} of the writer's {written} runs exported: the cut did not fall while it wrote"
     exported_dags = {r["dag_id"]: r["is_paused"] for b, _, _ in package.chunks("dag") for r in b.to_pylist()}
     assert {d: exported_dags[d] for d in paused_before} == paused_before, "the export carries the paused states as they were"
 
@@ -303,6 +311,22 @@ def test_export_dag_then_import_dag_move_the_history(pg_server, s3_bucket, s3_en
         assert not extra, f"{table}: rows loaded more (or fewer) times than exported: {list(extra.items())[:3]}"
     # Re-encrypted with the new environment's key: its own Airflow reads the secret back.
     assert new.run("variables", "get", "api_token").strip().splitlines()[-1] == "s3cr3t-ÄÖ-🚀"
+
+
+def _live_run(engine: sa.Engine, n: int) -> None:
+    """What a live environment writes: a dag run and its 20 task instances, in one transaction, with
+    ids from the server's sequences (as Airflow's own writes take them)."""
+    meta = sa.MetaData()
+    run, ti = (sa.Table(t, meta, autoload_with=engine) for t in ("dag_run", "task_instance"))
+    run_id = f"manual__live_{n}"
+    when = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(minutes=n)
+    with engine.begin() as conn:
+        conn.execute(run.insert().values(dag_id="live_writer", run_id=run_id, execution_date=when, run_type="manual",
+                                         state="running", external_trigger=True))
+        conn.execute(ti.insert(), [{"dag_id": "live_writer", "task_id": f"task_{i:02d}", "run_id": run_id, "state": "running",
+                                    "try_number": 1, "max_tries": 0, "pool": "default_pool", "pool_slots": 1, "queue": "default",
+                                    "priority_weight": 1, "start_date": when} for i in range(20)])
+    time.sleep(0.5)
 
 
 def _wait_for_chunks(env: Environment, table: str, proc: subprocess.Popen) -> int:

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from etl import airflow_release, catalog, ledger, sample, tables, urls
-from helpers import cli, count, report
+from helpers import chunks_done, cli, count, indexes, report
 
 KEY_OLD, KEY_NEW = Fernet.generate_key().decode(), Fernet.generate_key().decode()
 NEWEST = catalog.versions()[-1]
@@ -169,26 +169,7 @@ def _inserted(rep: dict) -> int:
     return sum(v.get("inserted", 0) + v.get("updated", 0) for v in rep["tables"].values())
 
 
-def _indexes(url: str) -> dict:
-    """Every table's indexes and foreign keys."""
-    engine = urls.open_engine(url)
-    inspector = sa.inspect(engine)
-    out = {t: (sorted((i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(t)),
-               sorted((f["name"], tuple(f["constrained_columns"]), f["referred_table"], str(f.get("options"))) for f in inspector.get_foreign_keys(t)))
-           for t in inspector.get_table_names() if not t.startswith("_etl_")}
-    engine.dispose()
-    return out
-
-
 # -- killed at random points ---------------------------------------------------------------------
-
-def _chunks_done(engine: sa.Engine) -> int:
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(ledger.CHUNKS)).scalar_one()
-    except sa.exc.DBAPIError:  # no ledger yet, or SQLite busy for a moment
-        return -1
-
 
 @pytest.mark.parametrize("kind", ["pg_url", "mysql_url", "sqlite_url"])
 def test_import_killed_at_random_points_ends_as_one_clean_import(request, tmp_path, pg_url, kind):
@@ -200,7 +181,7 @@ def test_import_killed_at_random_points_ends_as_one_clean_import(request, tmp_pa
     args = [sys.executable, "-m", "etl.cli", "import", "--from", dest, "--target"]
     report("import", "--from", dest, "--target", clean)
     probe = urls.open_engine(clean)
-    total = _chunks_done(probe)
+    total = chunks_done(probe)
     probe.dispose()
     assert total > 100  # enough chunks for kills to land between and inside them
 
@@ -219,7 +200,7 @@ def test_import_killed_at_random_points_ends_as_one_clean_import(request, tmp_pa
         if how == "time":
             time.sleep(point)
         else:
-            while proc.poll() is None and _chunks_done(watch) < point * total:
+            while proc.poll() is None and chunks_done(watch) < point * total:
                 time.sleep(0.01)
             time.sleep(rng.uniform(0, 0.05))
         alive = proc.poll() is None
@@ -227,7 +208,7 @@ def test_import_killed_at_random_points_ends_as_one_clean_import(request, tmp_pa
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         if alive:
-            kills.append(_chunks_done(watch))
+            kills.append(chunks_done(watch))
         assert proc.returncode in (0, -signal.SIGKILL), log.read_text()
     watch.dispose()
     mid_load = [k for k in kills if 0 < k < total]
@@ -240,7 +221,7 @@ def test_import_killed_at_random_points_ends_as_one_clean_import(request, tmp_pa
     want, got = snapshot(clean), snapshot(killed)
     assert got == want, f"seed {seed}: " + ", ".join(t for t in want if got.get(t) != want[t])
     # Indexes and foreign keys a killed run had set aside for its bulk load are all back, as after the clean import.
-    assert _indexes(killed) == _indexes(clean) == _indexes(_empty(_database(request, kind, tmp_path, "fresh"))), f"seed {seed}"
+    assert indexes(killed) == indexes(clean) == indexes(_empty(_database(request, kind, tmp_path, "fresh"))), f"seed {seed}"
     assert count(killed, ledger.DEFERRED.name) == 0
     assert not _dangling(got)
     for name in ("log", "job", "task_fail", "dag_run", "task_instance", "xcom"):
@@ -272,7 +253,7 @@ def test_a_run_stopped_with_keys_set_aside_leaves_the_next_run_its_references(re
     got = snapshot(target)
     assert sum(1 for row in got["task_instance"] for col, v in row if col == "trigger_id" and v is not None) > 0
     assert not _dangling(got)
-    assert _indexes(target) == _indexes(_empty(_database(request, "pg_url", tmp_path, "fresh")))
+    assert indexes(target) == indexes(_empty(_database(request, "pg_url", tmp_path, "fresh")))
     assert count(target, ledger.DEFERRED.name) == 0
 
 
