@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import fcntl
 import json
 import os
 import re
@@ -94,12 +93,8 @@ def _fresh_target(tmp_path) -> str:
 def etl_venv(version: str) -> Path:
     """Airflow ``version`` (its frozen package set, else its date cap), then this checkout (editable)
     with its test extras, uncapped: the engine's own dependencies are newer than old releases' caps."""
-    base = airflow_release.cache_dir()
-    base.mkdir(parents=True, exist_ok=True)
-    venv = base / f"{version}-etl"
-    py = venv / "bin" / "python"
-    with open(base / f".{version}-etl.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with airflow_release.locked(f"{version}-etl") as venv:
+        py = venv / "bin" / "python"
         if py.exists() and _serves_this_checkout(py, version):
             return venv
         shutil.rmtree(venv, ignore_errors=True)
@@ -321,11 +316,12 @@ def _live_run(engine: sa.Engine, n: int) -> None:
     run_id = f"manual__live_{n}"
     when = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(minutes=n)
     with engine.begin() as conn:
+        # Finished: running task instances would fill default_pool, and 2.4's `dags test` (a backfill) waits for slots.
         conn.execute(run.insert().values(dag_id="live_writer", run_id=run_id, execution_date=when, run_type="manual",
-                                         state="running", external_trigger=True))
-        conn.execute(ti.insert(), [{"dag_id": "live_writer", "task_id": f"task_{i:02d}", "run_id": run_id, "state": "running",
+                                         state="success", external_trigger=True))
+        conn.execute(ti.insert(), [{"dag_id": "live_writer", "task_id": f"task_{i:02d}", "run_id": run_id, "state": "success",
                                     "try_number": 1, "max_tries": 0, "pool": "default_pool", "pool_slots": 1, "queue": "default",
-                                    "priority_weight": 1, "start_date": when} for i in range(20)])
+                                    "priority_weight": 1, "start_date": when, "end_date": when} for i in range(20)])
     time.sleep(0.5)
 
 
