@@ -7,7 +7,7 @@ units (``etl.units``) over the environment's workers, and Airflow's retries are 
 every unit is idempotent. Only DAG files import this module; ``import etl`` never imports Airflow.
 
 Needs Airflow 2.4 or later (``.expand``) and before 3.0: Airflow 3 workers have no database
-connection, so a 3.x side is reached with ``migrate`` / ``import`` run from a machine that can.
+connection, so a 3.x side runs the engine in its API server (``etl.plugin``).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def _supported() -> None:
         raise EtlError(f"etl.airflow needs Airflow 2.4 or later (dynamic task mapping); this is Airflow {airflow.__version__}. "
                        "Run airflow-metadata-etl export / migrate from a machine that reaches the metadata database")
     if major >= 3:
-        raise EtlError(f"Airflow {airflow.__version__} workers cannot reach the metadata database: run airflow-metadata-etl "
-                       "migrate / import from a machine that can, instead of these DAGs")
+        raise EtlError(f"Airflow {airflow.__version__} workers cannot reach the metadata database: start the job through "
+                       "the API server's /etl/jobs (etl.plugin), or run airflow-metadata-etl from a machine that reaches it")
 
 
 def _dag_options(dag_id: str, options: dict) -> dict:
@@ -62,7 +62,8 @@ def _secret(ref: str | None) -> str | None:
 
 def _check_secret_ref(ref: str | None, what: str) -> None:
     if ref is not None and (ref.partition(":")[0] not in ("variable", "connection") or not ref.partition(":")[2]):
-        raise EtlError(f"{what} must be 'variable:NAME' or 'connection:CONN_ID', not {ref!r}")
+        raise EtlError(f"{what} must be named as 'variable:NAME' or 'connection:CONN_ID' (the value given is not "
+                       "repeated: it may be a key)")
 
 
 # -- pausing ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ This is developer and test tooling: the engine itself never imports Airflow.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from .errors import EtlError
 
@@ -110,13 +112,19 @@ def ensure_venv(version: str) -> Path:
     """
     if version not in RELEASES:
         raise EtlError(f"no recipe to install Airflow {version}; known: {', '.join(RELEASES)}")
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    venv = cache_dir() / version
-    with open(cache_dir() / f".{version}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(version) as venv:
         if not ((venv / "bin" / "python").exists() and _installed(venv / "bin" / "python") == version):
             _install(RELEASES[version], venv)
     return venv
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[Path]:
+    """The cached venv ``name``, held under its lock while it is checked or built."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield cache_dir() / name
 
 
 def _install(rel: Release, venv: Path) -> None:

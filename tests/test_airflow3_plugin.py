@@ -1,0 +1,216 @@
+"""The API-server plugin (etl.plugin) in a real Airflow 3 ``airflow api-server`` on PostgreSQL.
+
+The package goes into that Airflow's venv from its wheel, as requirements.txt would bring it on
+MWAA: no plugin or DAG file is copied, the ``airflow.plugins`` entry point is all Airflow finds.
+Users come from Airflow's simple auth manager; the exports live on moto's S3 server. Slow: the
+venv is cached beside the release venvs, the wheel reinstalled into it once per session.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from cryptography.fernet import Fernet
+
+from etl import airflow_release, urls
+from etl.staging import Store
+from helpers import chunks_done, cli, count
+
+REPO = Path(__file__).resolve().parent.parent
+VERSION = "3.0.6"  # what Amazon MWAA runs on Airflow 3
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(REPO), "-w", str(out)], check=True,
+                   capture_output=True)
+    return next(out.glob("airflow_metadata_etl-*.whl"))
+
+
+@pytest.fixture(scope="session")
+def venv(wheel) -> Path:
+    """Airflow 3.0.6 as the freeze pins it, then this checkout's wheel with its dependencies."""
+    with airflow_release.locked(f"{VERSION}-plugin") as venv:
+        py = venv / "bin" / "python"
+        if not (py.exists() and airflow_release._installed(py) == VERSION):
+            airflow_release._install(airflow_release.RELEASES[VERSION], venv)
+        subprocess.run([str(airflow_release._uv()), "pip", "install", "-q", "-p", str(py),
+                        "--reinstall-package", "airflow-metadata-etl", str(wheel)], check=True)
+    return venv
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ApiServer:
+    """One Airflow 3 environment's API server, with an admin and a viewer of the simple auth manager."""
+
+    def __init__(self, venv: Path, home: Path, db_url: str, extra: dict):
+        self.venv, self.home, self.db_url = venv, home, db_url
+        home.mkdir(parents=True, exist_ok=True)
+        self.port = _port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+            "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_release.psycopg2_url(db_url),
+            "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+            "AIRFLOW__API_AUTH__JWT_SECRET": Fernet.generate_key().decode(),
+            "AIRFLOW__API__WORKERS": "2",  # a job's status must not depend on the worker that answers
+            **extra,
+        }
+        self.proc = None
+
+    def airflow(self, *args: str) -> str:
+        out = subprocess.run([str(self.venv / "bin" / "airflow"), *args], env=self.env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, f"airflow {' '.join(args)}: {out.stdout[-2000:]}{out.stderr[-3000:]}"
+        return out.stdout
+
+    def start(self) -> ApiServer:
+        self.log = open(self.home / f"api-server-{time.monotonic_ns()}.log", "w")
+        self.proc = subprocess.Popen([str(self.venv / "bin" / "airflow"), "api-server", "--port", str(self.port)],
+                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, Path(self.log.name).read_text()[-4000:]
+            try:
+                urllib.request.urlopen(f"{self.base}/api/v2/version", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.3)
+        raise AssertionError("the API server did not answer within 2 minutes")
+
+    def kill(self) -> None:
+        with_group = self.proc.pid
+        os.killpg(with_group, signal.SIGKILL)
+        self.proc.wait()
+        self.log.close()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def token(self, user: str) -> str:
+        passwords = json.loads((self.home / "simple_auth_manager_passwords.json.generated").read_text())
+        status, body = self.call("POST", "/auth/token", body={"username": user, "password": passwords[user]})
+        assert status == 201, body
+        return body["access_token"]
+
+    def call(self, method: str, path: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+        request = urllib.request.Request(self.base + path, method=method, headers=headers,
+                                         data=json.dumps(body).encode() if body is not None else None)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+
+@pytest.fixture
+def environment(venv, pg_server, s3_endpoint, tmp_path):
+    """A new Airflow 3.0.6 environment, its database migrated by Airflow, its API server not started yet."""
+    url = pg_server.create("etl_af3")
+    server = ApiServer(venv, tmp_path / "home", url, {"AWS_ENDPOINT_URL": s3_endpoint})
+    server.airflow("db", "migrate")
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.kill()
+    pg_server.drop(url)
+
+
+def _etl_tables(url: str) -> list[str]:
+    engine = urls.open_engine(url)
+    names = [t for t in sa.inspect(engine).get_table_names() if t.startswith("_etl_")]
+    engine.dispose()
+    return names
+
+
+def test_only_an_admin_may_start_a_job_and_a_refused_request_writes_nothing(environment):
+    api = environment.start()
+    job = {"job": "import", "dest": "s3://nowhere/at-all"}
+    assert api.call("POST", "/etl/jobs", body=job)[0] == 401
+    assert api.call("GET", "/etl/jobs")[0] == 401
+    viewer = api.token("viewer")
+    assert api.call("POST", "/etl/jobs", viewer, job)[0] == 403
+    assert api.call("GET", "/etl/jobs", viewer)[0] == 403
+    key = Fernet.generate_key().decode()
+    status, body = api.call("POST", "/etl/jobs", api.token("admin"), {**job, "source_fernet_key": key})
+    assert status == 422 and key not in json.dumps(body), body  # a key itself is refused, and not echoed
+    assert _etl_tables(api.db_url) == []
+
+
+def _wait(api: ApiServer, token: str, job_id: str, until, seconds: float = 600) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status, job = api.call("GET", f"/etl/jobs/{job_id}", token)
+        assert status == 200, job
+        if until(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not get there: {job}")
+
+
+def test_an_import_through_the_plugin_killed_with_the_api_server_resumes_once(environment, pg_url, s3_bucket, s3_endpoint):
+    source_key = Fernet.generate_key().decode()
+    cli("sample", "--airflow-version", "2.10.5", "--target", pg_url, "--dag-runs", "1000", "--faults",
+        f"--fernet-key={source_key}")
+    dest = f"s3://{s3_bucket}/history"
+    cli("export", "--source", pg_url, "--to", dest, "--chunk-rows", "2000", "--s3-endpoint-url", s3_endpoint)
+    api = environment
+    api.airflow("variables", "set", "etl_source_fernet_key", source_key)  # named in the request, never sent
+    api.start()
+    token = api.token("admin")
+    job = {"job": "import", "dest": dest, "source_fernet_key": "variable:etl_source_fernet_key"}
+    status, started = api.call("POST", "/etl/jobs", token, job)
+    assert status == 202, started
+    assert api.call("POST", "/etl/jobs", token, job)[0] == 409  # one job at a time, whichever worker answers
+    manifest = json.loads(Store(dest, s3_endpoint).read("manifest.json"))
+    total = len(manifest["tables"]["task_instance"]["chunks"])
+    watch = urls.open_engine(api.db_url)
+    deadline = time.monotonic() + 300
+    while chunks_done(watch, "task_instance") < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    api.kill()
+    loaded = chunks_done(watch, "task_instance")
+    watch.dispose()
+    assert 0 < loaded < total, f"the kill came too late or too early: {loaded} of {total} task_instance chunks"
+
+    api.start()
+    token = api.token("admin")
+    deadline = time.monotonic() + 60
+    while (answer := api.call("POST", "/etl/jobs", token, job))[0] == 409 and time.monotonic() < deadline:
+        time.sleep(1)  # the killed job's row shows it running until it is overdue for renewal
+    assert answer[0] == 202, answer
+    done = _wait(api, token, answer[1]["id"], lambda j: j["state"] != "running")
+    assert done["state"] == "success", done["error"]
+    assert api.call("GET", f"/etl/jobs/{started['id']}", token)[1]["state"] == "failed"
+    assert source_key not in json.dumps(api.call("GET", "/etl/jobs", token)[1])
+
+    assert cli("diff", "--source", dest, "--target", api.db_url, "--s3-endpoint-url", s3_endpoint).returncode == 0
+    for table in ("job", "dag_run", "task_instance"):  # once each, though a run died halfway
+        assert count(api.db_url, table) == manifest["tables"][table]["rows"], table
+    # Airflow itself reads what was loaded: the re-encrypted variable, the runs and task instances by its ORM.
+    assert api.airflow("variables", "get", "api_token").strip().splitlines()[-1] == "s3cr3t-ÄÖ-🚀"
+    seen = subprocess.run([str(api.venv / "bin" / "python"), "-c",
+                           "from airflow import settings; from airflow.models import DagRun, TaskInstance;"
+                           "settings.configure_orm(); s = settings.Session();"
+                           "print(s.query(DagRun).count(), s.query(TaskInstance).count())"],
+                          env=api.env, capture_output=True, text=True, check=True).stdout.split()
+    assert [int(n) for n in seen[-2:]] == [count(api.db_url, "dag_run"), count(api.db_url, "task_instance")]
