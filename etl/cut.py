@@ -57,18 +57,17 @@ class Cut:
         c = table.c
         if _integer_id(table):
             return [c.id <= self.marks.get(table.name, 0)]
-        later = _later_runs(self.marks.get("dag_run", 0))
+        mark = self.marks.get("dag_run", 0)
         if "dag_run_id" in c:
-            return [c.dag_run_id <= self.marks.get("dag_run", 0)]
+            return [c.dag_run_id <= mark]
         if "dag_id" in c and "run_id" in c:
-            return [sa.tuple_(c.dag_id, c.run_id).not_in(sa.select(later.c.dag_id, later.c.run_id).where(
-                later.c.run_id.is_not(None)))]
-        if "dag_id" in c and "execution_date" in c:
-            return [sa.tuple_(c.dag_id, c.execution_date).not_in(sa.select(later.c.dag_id, later.c.execution_date))]
+            return [sa.tuple_(c.dag_id, c.run_id).not_in(_later_runs(mark, "dag_id", "run_id"))]
+        if "dag_id" in c and "execution_date" in c:  # 1.10 and 2.0/2.1 (dag_run has no execution_date in 3.x)
+            return [sa.tuple_(c.dag_id, c.execution_date).not_in(_later_runs(mark, "dag_id", "execution_date"))]
         ti_col = next((n for n in ("ti_id", "task_instance_id") if n in c), None)
         if ti_col:
             ti = sa.table("task_instance", sa.column("id"), sa.column("dag_id"), sa.column("run_id"))
-            runs = sa.select(later.c.dag_id, later.c.run_id).where(later.c.run_id.is_not(None))
+            runs = _later_runs(mark, "dag_id", "run_id")
             return [c[ti_col].not_in(sa.select(ti.c.id).where(sa.tuple_(ti.c.dag_id, ti.c.run_id).in_(runs)))]
         return []
 
@@ -78,11 +77,13 @@ def _integer_id(table: sa.Table) -> bool:
     return pk == ["id"] and isinstance(table.c.id.type, sa.Integer)
 
 
-def _later_runs(mark: int):
-    """The dag runs created after the cut: a handful, so ``NOT IN`` is one small hashed set that
-    leaves the reader's key order (and PostgreSQL's index scan) as it is."""
-    run = sa.table("dag_run", sa.column("id"), sa.column("dag_id"), sa.column("run_id"), sa.column("execution_date"))
-    return sa.select(run.c.dag_id, run.c.run_id, run.c.execution_date).where(run.c.id > mark).subquery("later_runs")
+def _later_runs(mark: int, *columns: str):
+    """``columns`` of the dag runs created after the cut: a handful, so ``NOT IN`` is one small
+    hashed set that leaves the reader's key order (and PostgreSQL's index scan) as it is. Only
+    the columns asked for are read (a 3.x dag_run has no execution_date), none of them NULL
+    (one NULL in a ``NOT IN`` set would leave every row out)."""
+    run = sa.table("dag_run", sa.column("id"), *(sa.column(name) for name in columns))
+    return sa.select(*(run.c[name] for name in columns)).where(run.c.id > mark, *(run.c[name].is_not(None) for name in columns))
 
 
 def take(reads: Reads, names: list[str]) -> Cut:

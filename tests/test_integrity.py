@@ -399,3 +399,16 @@ def test_filters_that_match_nothing_and_a_second_export_into_one_folder_are_refu
     _one_line(second, "another export is writing to", str(dest))
     assert first.wait(600) == 0, first.err()
     assert cli("export", "--source", src, "--to", str(dest), "--chunk-rows", "5", cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("version", ["1.10.15", "2.0.2", "2.2.5", "3.0.6", "3.3.2"])
+def test_the_cut_reads_every_schema_whole_when_nothing_writes(tmp_path, pg_url, version):
+    """Each schema keys its history by other columns (execution_date, run_id, dag_run_id, ti_id): the cut's
+    conditions must leave out only what came later, on all of them (and a run without run_id is no reason)."""
+    engine = urls.open_engine(pg_url, create=True)
+    sample.sample(engine, version, dag_runs=12, seed=3, faults=True)
+    engine.dispose()
+    dest = tmp_path / "export"
+    cli("export", "--source", pg_url, "--to", str(dest), "--chunk-rows", "40", cwd=tmp_path)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert {t: spec["rows"] for t, spec in manifest["tables"].items()} == _history(pg_url)
