@@ -24,7 +24,7 @@ from cryptography.fernet import Fernet
 
 from etl import airflow_release, urls
 from etl.staging import Store
-from helpers import chunks_done, cli, count
+from helpers import chunks_done, cli, count, rows
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "3.0.6"  # what Amazon MWAA runs on Airflow 3
@@ -40,14 +40,20 @@ def wheel(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def venv(wheel) -> Path:
-    """Airflow 3.0.6 as the freeze pins it, then this checkout's wheel with its dependencies."""
-    with airflow_release.locked(f"{VERSION}-plugin") as venv:
-        py = venv / "bin" / "python"
-        if not (py.exists() and airflow_release._installed(py) == VERSION):
-            airflow_release._install(airflow_release.RELEASES[VERSION], venv)
-        subprocess.run([str(airflow_release._uv()), "pip", "install", "-q", "-p", str(py),
-                        "--reinstall-package", "airflow-metadata-etl", str(wheel)], check=True)
+def venvs(wheel):
+    """Airflow ``version`` as its freeze pins it, then this checkout's wheel with its dependencies."""
+    ready: dict[str, Path] = {}
+
+    def venv(version: str) -> Path:
+        if version not in ready:
+            with airflow_release.locked(f"{version}-plugin") as path:
+                py = path / "bin" / "python"
+                if not (py.exists() and airflow_release._installed(py) == version):
+                    airflow_release._install(airflow_release.RELEASES[version], path)
+                subprocess.run([str(airflow_release._uv()), "pip", "install", "-q", "-p", str(py),
+                                "--reinstall-package", "airflow-metadata-etl", str(wheel)], check=True)
+            ready[version] = path
+        return ready[version]
     return venv
 
 
@@ -124,15 +130,26 @@ class ApiServer:
 
 
 @pytest.fixture
-def environment(venv, pg_server, s3_endpoint, tmp_path):
-    """A new Airflow 3.0.6 environment, its database migrated by Airflow, its API server not started yet."""
-    url = pg_server.create("etl_af3")
-    server = ApiServer(venv, tmp_path / "home", url, {"AWS_ENDPOINT_URL": s3_endpoint})
-    server.airflow("db", "migrate")
-    yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.kill()
-    pg_server.drop(url)
+def environments(venvs, pg_server, s3_endpoint, tmp_path):
+    """New Airflow 3 environments, each database migrated by Airflow, the API server not started yet."""
+    made: list[ApiServer] = []
+
+    def make(version: str = VERSION) -> ApiServer:
+        url = pg_server.create("etl_af3")
+        server = ApiServer(venvs(version), tmp_path / f"home-{len(made)}", url, {"AWS_ENDPOINT_URL": s3_endpoint})
+        made.append(server)
+        server.airflow("db", "migrate")
+        return server
+    yield make
+    for server in made:
+        if server.proc is not None and server.proc.poll() is None:
+            server.kill()
+        pg_server.drop(server.db_url)
+
+
+@pytest.fixture
+def environment(environments) -> ApiServer:
+    return environments(VERSION)
 
 
 def _etl_tables(url: str) -> list[str]:
@@ -214,3 +231,34 @@ def test_an_import_through_the_plugin_killed_with_the_api_server_resumes_once(en
                            "print(s.query(DagRun).count(), s.query(TaskInstance).count())"],
                           env=api.env, capture_output=True, text=True, check=True).stdout.split()
     assert [int(n) for n in seen[-2:]] == [count(api.db_url, "dag_run"), count(api.db_url, "task_instance")]
+
+
+
+def test_an_airflow_3_environment_exports_its_own_history_through_the_plugin(environments, pg_server, s3_bucket,
+                                                                             s3_endpoint, request):
+    api = environments("3.3.2")
+    engine = urls.open_engine(api.db_url)
+    with engine.begin() as conn:  # what `db migrate` put there; the sample brings its own
+        for name in ("log", "connection", "slot_pool", "log_template", "dag_bundle"):
+            conn.execute(sa.table(name).delete())
+    engine.dispose()
+    cli("sample", "--airflow-version", "3.3.2", "--target", api.db_url, "--dag-runs", "30", "--faults")
+    api.start()
+    token = api.token("admin")
+    dest = f"s3://{s3_bucket}/own-history"
+    status, started = api.call("POST", "/etl/jobs", token, {"job": "export", "dest": dest, "chunk_rows": 100})
+    assert status == 202, started
+    done = _wait(api, token, started["id"], lambda j: j["state"] != "running")
+    assert done["state"] == "success", done["error"]
+    assert done["report"]["tables"]["task_instance"]["rows"] == count(api.db_url, "task_instance")
+
+    via_plugin, direct = pg_server.create(), pg_server.create()
+    request.addfinalizer(lambda: (pg_server.drop(via_plugin), pg_server.drop(direct)))
+    cli("import", "--from", dest, "--target", via_plugin, "--target-version", "3.3.2", "--s3-endpoint-url", s3_endpoint)
+    cli("migrate", "--source", api.db_url, "--target", direct, "--target-version", "3.3.2")
+    for table in done["report"]["tables"]:
+        assert count(via_plugin, table) == count(direct, table), table
+    for table, columns in {"dag_run": ["dag_id", "run_id", "state", "logical_date", "conf"],
+                           "task_instance": ["dag_id", "task_id", "run_id", "map_index", "state", "try_number"],
+                           "xcom": ["dag_id", "task_id", "run_id", "map_index", "key", "value"]}.items():
+        assert rows(via_plugin, table, columns) == rows(direct, table, columns), table
