@@ -80,8 +80,10 @@ SKIPPED_REASONS = {
 }
 SKIPPED_PATTERNS = ("ab_*", "known_event*", "chart", "users", "dag_bundle*", "_xcom_archive")
 
-#: Only ``is_paused`` of the dag table is user intent; the rest comes back from DAG files.
-DAG_COLUMNS = ("dag_id", "is_paused")
+#: Of the dag table only ``is_paused`` is user intent; the rest comes back from DAG files. ``fileloc``
+#: travels too: a DAG whose file is gone is never parsed again, and Airflow 3's API server fails
+#: its whole DAG list on a NULL one, as 2.x, which retires DAGs by their file, never retires it.
+DAG_COLUMNS = ("dag_id", "is_paused", "fileloc")
 
 #: Configuration, not history: ``--since`` and ``--dag-id`` never thin these out.
 CONFIG = ("slot_pool", "variable", "connection")

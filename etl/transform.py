@@ -381,13 +381,15 @@ def conform(batch: pa.RecordBatch, columns: list[dict], keep: Iterable[str], now
 DAG_STUB = {"max_active_tasks": 16, "max_active_runs": 16, "max_consecutive_failed_dag_runs": 0,
             "has_task_concurrency_limits": True, "bundle_name": "dags-folder", "partition_mapper_info": "[]"}
 _NEUTRAL = {pa.bool_(): False, pa.string(): "", pa.int16(): 0, pa.int32(): 0, pa.int64(): 0, pa.float64(): 0.0}
+#: Nullable in the schema, but read as text by Airflow 3's API server: a NULL one fails its whole DAG list.
+_READ_AS_TEXT = ("fileloc",)
 
 
 def complete_dag(batch: pa.RecordBatch, columns: list[dict], version_tables: Mapping[str, list]) -> dict[str, pa.RecordBatch]:
     """Fill the required dag columns the export does not carry; name the bundles they refer to (3.1+)."""
     for col in columns:
         atype = catalog.arrow_type(col["type"])
-        if col["nullable"] or col.get("default") or col["name"] in tables.DAG_COLUMNS:
+        if col["name"] not in _READ_AS_TEXT and (col["nullable"] or col.get("default") or col["name"] in tables.DAG_COLUMNS):
             continue
         value = DAG_STUB.get(col["name"], _NEUTRAL.get(atype))
         current = column(batch, col["name"], atype)

@@ -414,13 +414,16 @@ def test_dag_rows_get_what_3_1_to_3_3_add():
         ("dags-folder", False, False, "", "[]")
 
 
-def test_dag_rows_carry_only_is_paused_and_get_stub_values_even_within_one_version():
-    """The export keeps dag_id and is_paused (tables.DAG_COLUMNS); the DAG processor rewrites the rest on its next parse."""
-    dag = pa.record_batch({"dag_id": pa.array(["d"]), "is_paused": pa.array([True])})
+def test_dag_rows_carry_only_is_paused_and_fileloc_and_get_stub_values_even_within_one_version():
+    """The export keeps dag_id, is_paused and fileloc (tables.DAG_COLUMNS); the DAG processor rewrites the rest on its next parse."""
+    dag = pa.record_batch({"dag_id": pa.array(["d", "e"]), "is_paused": pa.array([True, False]),
+                           "fileloc": pa.array(["/dags/d.py", None])})
     [(name, out)] = mapper("2.10.5", "2.10.5").map("dag", dag)
-    row = out.to_pylist()[0]
-    assert name == "dag" and (row["dag_id"], row["is_paused"], row["max_active_tasks"], row["has_task_concurrency_limits"],
-                              row["max_consecutive_failed_dag_runs"]) == ("d", True, 16, True, 0)
+    row, unfiled = out.to_pylist()
+    assert name == "dag" and (row["dag_id"], row["is_paused"], row["fileloc"], row["max_active_tasks"],
+                              row["has_task_concurrency_limits"], row["max_consecutive_failed_dag_runs"]) == \
+        ("d", True, "/dags/d.py", 16, True, 0)
+    assert unfiled["fileloc"] == "", "Airflow 3's API server reads fileloc as text: a NULL fails its DAG list"
 
 
 # -- plan -------------------------------------------------------------------------------------------------------

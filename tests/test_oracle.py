@@ -38,7 +38,7 @@ KEY = Fernet.generate_key().decode()
 #: Columns compared otherwise or not at all, and why. Surrogate ids (every integer ``id`` primary key)
 #: are never compared: each side numbers its own rows, and references to them are followed instead.
 EXEMPT = {
-    ("dag", "*"): "only dag_id and is_paused travel (tables.DAG_COLUMNS); the DAG processor rewrites the rest "
+    ("dag", "*"): "only dag_id, is_paused and fileloc travel (tables.DAG_COLUMNS); the DAG processor rewrites the rest "
                   "on its first parse, where Airflow's upgrade keeps the old parse's values",
     ("dag_bundle", "*"): "only the name: the DAG processor's bundle sync sets the rest from its configuration",
     ("task_instance", "id"): "from a 2.x source: Airflow 3.0 fills 74 of a UUIDv7's bits with gen_random_uuid() (d59cbbef95eb); "
