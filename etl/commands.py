@@ -15,7 +15,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 from . import tables, urls
-from .errors import EtlError, UsageError
+from .errors import UsageError
 from .report import Report
 
 
@@ -227,8 +227,11 @@ def _open_source(source: str, version, names, exclude, since, dag_ids, chunk_row
 
 def export(source: str, dest: str, tables: tuple | None = None, exclude_tables: tuple = (), since: str | None = None,
            dag_ids=None, chunk_rows: int = 50_000, s3_endpoint_url: str | None = None, source_version: str | None = None,
-           progress: bool = False) -> Report:
-    """Stream the source's history into Parquet chunks and a manifest at ``dest``; resumable."""
+           progress: bool = False, unpaused: tuple = ()) -> Report:
+    """Stream the source's history into Parquet chunks and a manifest at ``dest``; resumable.
+
+    ``unpaused``: DAGs paused for the export's sake (an export DAG's pausing); their rows of the
+    ``dag`` table are exported unpaused, as their owners left them."""
     from .progress import Progress
     from .staging import PackageWriter, Store
 
@@ -248,7 +251,7 @@ def export(source: str, dest: str, tables: tuple | None = None, exclude_tables: 
             report.info["cut"] = writer.cut
             bar = Progress(progress)
             try:
-                _export_tables(src, writer, report, bar)
+                _export_tables(src, writer, report, bar, tuple(unpaused))
                 bar.finish()
             finally:
                 bar.close()
@@ -269,7 +272,7 @@ def export_identity(src: DatabaseSource, chunk_rows: int, **more) -> dict:
             "filters": src.filters.to_dict(), "tables": src.names, "chunk_rows": chunk_rows, **more}
 
 
-def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
+def _export_tables(src: DatabaseSource, writer, report: Report, bar, unpaused: tuple) -> None:
     from .extract import from_jsonable
     from .pipeline import prefetch
 
@@ -285,7 +288,8 @@ def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
             after = [from_jsonable(v) for v in state["last_key"]] if state["last_key"] else None
             # The next page is read (the server's work) while this one is encoded and written.
             for chunk in prefetch(src.read(reader, after=after)):
-                writer.write_chunk(name, state, chunk.batch, chunk.last_key)
+                batch = unpause(chunk.batch, unpaused) if name == "dag" and unpaused else chunk.batch
+                writer.write_chunk(name, state, batch, chunk.last_key)
                 bar.advance(name, chunk.batch.num_rows)
             writer.finish_table(name, state, reader.schema)
         else:
@@ -295,6 +299,14 @@ def _export_tables(src: DatabaseSource, writer, report: Report, bar) -> None:
         t.add("chunks", len(state["chunks"]))
         t.add("bytes", sum(c.get("bytes", 0) for c in state["chunks"]))
         seconds[name] = round(time.perf_counter() - started, 3)
+
+
+def unpause(batch: pa.RecordBatch, dag_ids) -> pa.RecordBatch:
+    import pyarrow.compute as pc
+
+    i = batch.schema.get_field_index("is_paused")
+    ours = pc.is_in(batch.column("dag_id"), pa.array(list(dag_ids), pa.string()))
+    return batch.set_column(i, batch.schema.field(i), pc.if_else(ours, False, batch.column(i)))
 
 
 def import_(dest: str, target: str, tables: tuple | None = None, exclude_tables: tuple = (), since: str | None = None,

@@ -9,8 +9,8 @@ on the process's own database URL, in a background thread.
 
 The API server may run several worker processes (and MWAA several containers), so a job's
 status lives in the metadata database (``_etl_job``), renewed while its thread runs: any worker
-answers for it, one job runs at a time, and a job whose process died shows as failed and is
-resumed by starting it again (the ledger makes that safe).
+answers for it, one job runs at a time, and a job whose process died shows as ``interrupted``
+and is resumed by starting it again (the ledger makes that safe).
 
 Every route requires a user whom Airflow's own auth manager lets change the configuration, the
 variables and the connections (on the simple auth manager: Op or Admin). Fernet keys are named
@@ -28,6 +28,8 @@ from airflow.plugins_manager import AirflowPlugin
 
 #: A running job's row is renewed this often; one not renewed for RENEW_SECONDS * 3 died with its process.
 RENEW_SECONDS = 5.0
+#: Why a job is ``interrupted`` (not ``failed``, which is the engine's own verdict): starting it again resumes it.
+INTERRUPTED = "the API server process running this job stopped; start the job again to resume it"
 
 
 def _jobs_table(meta):
@@ -85,7 +87,7 @@ class Jobs:
 
     def _view(self, row: dict) -> dict:
         if row["state"] == "running" and _aware(row["renewed"]) < _now() - dt.timedelta(seconds=3 * RENEW_SECONDS):
-            row["state"], row["error"] = "failed", "the API server process running this job stopped; start the job again to resume it"
+            row["state"], row["error"] = "interrupted", INTERRUPTED
         for name in ("progress", "report"):
             row[name] = json.loads(row[name]) if row[name] else None
         return {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
@@ -102,7 +104,7 @@ class Jobs:
                 return None
             for job_id, _ in running:  # died with their process
                 conn.execute(self.table.update().where(self.table.c.id == job_id).values(
-                    state="failed", error="the API server process running this job stopped"))
+                    state="interrupted", error=INTERRUPTED))
             job_id = uuid.uuid4().hex
             conn.execute(self.table.insert().values(id=job_id, job=request.job, dest=request.dest, state="running",
                                                     started=_now(), renewed=_now()))
@@ -145,18 +147,15 @@ def _aware(when: dt.datetime) -> dt.datetime:
 def _call(request, url: str) -> dict:
     """The job itself; its report, or the error it ended with."""
     from . import commands
-    from .airflow import _secret
+    from .airflow import _fernet_keys
 
     try:
         filters = {"tables": tuple(request.tables) if request.tables else None, "exclude_tables": tuple(request.exclude_tables)}
         if request.job == "export":
-            report = commands.export(url, request.dest, chunk_rows=request.chunk_rows, progress=True, **filters)
+            report = commands.export(url, request.dest, chunk_rows=request.chunk_rows, progress=True,
+                                     unpaused=tuple(request.unpaused), **filters)
         else:
-            source_key, target_key = _secret(request.source_fernet_key), _secret(request.target_fernet_key)
-            if source_key and not target_key:
-                from airflow.configuration import conf
-
-                target_key = conf.get("core", "fernet_key")
+            source_key, target_key = _fernet_keys(request.source_fernet_key, request.target_fernet_key)
             run = commands.import_ if request.job == "import" else commands.diff
             extra = {"force": True} if request.job == "import" else {}  # the environment's scheduler runs
             report = run(request.dest, url, on_conflict=request.on_conflict, source_fernet_key=source_key,
@@ -182,6 +181,7 @@ def _app():
         exclude_tables: list[str] = []
         on_conflict: Literal["skip", "update"] = "skip"
         chunk_rows: int = 50_000
+        unpaused: list[str] = []  # export: DAGs paused for its sake, exported as their owners left them
         source_fernet_key: Optional[str] = None  # named, never the key itself: bodies and URLs get logged
         target_fernet_key: Optional[str] = None
 

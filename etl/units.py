@@ -13,7 +13,6 @@ import datetime as dt
 import json
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from . import commands, tables, urls
@@ -116,7 +115,7 @@ class ExportJob:
         chunks = []
         after = [from_jsonable(v) for v in unit["after"]] if unit["after"] else None
         for n, chunk in enumerate(self.src.read(reader, after=after)):
-            batch = _unpause(chunk.batch, unpaused) if name == "dag" and unpaused else chunk.batch
+            batch = commands.unpause(chunk.batch, unpaused) if name == "dag" and unpaused else chunk.batch
             entry, data = self.writer.chunk_file(name, f"{name}/{name}.u{unit['unit']:05d}.{n:06d}.parquet", batch)
             self.store.write(entry["file"], data)
             chunks.append(entry)
@@ -163,12 +162,6 @@ class _RangeReader(TableReader):
             out.append(sa.tuple_(*keys) <= sa.tuple_(*(sa.literal(v, type_=c.type) for v, c in zip(self.until, keys)))
                        if len(keys) > 1 else keys[0] <= self.until[0])
         return out
-
-
-def _unpause(batch: pa.RecordBatch, dag_ids: list[str]) -> pa.RecordBatch:
-    i = batch.schema.get_field_index("is_paused")
-    ours = pc.is_in(batch.column("dag_id"), pa.array(dag_ids, pa.string()))
-    return batch.set_column(i, batch.schema.field(i), pc.if_else(ours, False, batch.column(i)))
 
 
 def _summary(state: dict) -> dict:

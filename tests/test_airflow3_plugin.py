@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 from cryptography.fernet import Fernet
 
 from etl import airflow_release, urls
-from etl.staging import Store
+from etl.staging import Package, Store
 from helpers import chunks_done, cli, count, rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +218,7 @@ def test_an_import_through_the_plugin_killed_with_the_api_server_resumes_once(en
     assert answer[0] == 202, answer
     done = _wait(api, token, answer[1]["id"], lambda j: j["state"] != "running")
     assert done["state"] == "success", done["error"]
-    assert api.call("GET", f"/etl/jobs/{started['id']}", token)[1]["state"] == "failed"
+    assert api.call("GET", f"/etl/jobs/{started['id']}", token)[1]["state"] == "interrupted"
     assert source_key not in json.dumps(api.call("GET", "/etl/jobs", token)[1])
 
     assert cli("diff", "--source", dest, "--target", api.db_url, "--s3-endpoint-url", s3_endpoint).returncode == 0
@@ -262,3 +263,110 @@ def test_an_airflow_3_environment_exports_its_own_history_through_the_plugin(env
                            "task_instance": ["dag_id", "task_id", "run_id", "map_index", "state", "try_number"],
                            "xcom": ["dag_id", "task_id", "run_id", "map_index", "key", "value"]}.items():
         assert rows(via_plugin, table, columns) == rows(direct, table, columns), table
+
+
+OTHER_DAGS = {"other_hourly": False, "other_paused": True, "other_daily": False}
+EXAMPLES = [REPO / "examples" / "dags" / f"airflow3_history_{job}.py" for job in ("import", "export")]
+
+
+def _dags_folder(api: ApiServer) -> None:
+    """The example DAG files as the user copies them, beside DAGs of the environment's own."""
+    folder = api.home / "dags"
+    folder.mkdir()
+    for example in EXAMPLES:
+        (folder / example.name).write_text(example.read_text())
+    for dag_id in OTHER_DAGS:
+        (folder / f"{dag_id}.py").write_text(
+            "import datetime\nfrom airflow.sdk import DAG\nfrom airflow.providers.standard.operators.empty import EmptyOperator\n"
+            f"with DAG({dag_id!r}, schedule='@daily', start_date=datetime.datetime(2026, 1, 1), catchup=False):\n"
+            "    EmptyOperator(task_id='noop')\n")
+    api.env["AIRFLOW__CORE__DAGS_FOLDER"] = str(folder)
+
+
+def _paused(url: str) -> dict[str, bool]:
+    engine = urls.open_engine(url)
+    with engine.connect() as conn:
+        out = dict(conn.execute(sa.text("SELECT dag_id, is_paused FROM dag WHERE dag_id LIKE 'other_%'")).all())
+    engine.dispose()
+    return out
+
+
+def _dag_test(api: ApiServer, dag_id: str, logical_date: str, dest: str) -> str:
+    """``airflow dags test``, the export's location given as the Variable the examples read; the run's state."""
+    env = {**api.env, "AIRFLOW_VAR_AIRFLOW_HISTORY_DEST": dest}
+    out = subprocess.run([str(api.venv / "bin" / "airflow"), "dags", "test", dag_id, logical_date], env=env,
+                         capture_output=True, text=True, timeout=900)
+    (api.home / f"dags-test-{logical_date[:10]}.log").write_text(out.stdout + out.stderr)
+    engine = urls.open_engine(api.db_url)
+    with engine.connect() as conn:
+        state = conn.execute(sa.text("SELECT state FROM dag_run WHERE dag_id = :d AND logical_date = :t"),
+                             {"d": dag_id, "t": logical_date}).scalar()
+    engine.dispose()
+    return state, out.stdout + out.stderr
+
+
+_READ_BACK = """
+import json
+from airflow import settings
+from airflow.models import Connection, DagRun, TaskInstance, Variable
+from airflow.models.xcom import XComModel
+settings.configure_orm()
+s = settings.Session()
+values = [XComModel.deserialize_value(x) for x in s.query(XComModel).filter(XComModel.key == "unicode")]
+print(json.dumps({"runs": s.query(DagRun).count(), "tis": s.query(TaskInstance).count(), "xcom": values,
+                  "variable": Variable.get("api_token"),
+                  "password": Connection.get_connection_from_secrets("postgres_default").password}))
+"""
+
+
+@pytest.mark.parametrize("version", [VERSION, "3.3.2"])
+def test_the_example_dags_import_and_export_restoring_every_paused_state_also_when_they_fail(
+        environments, pg_url, s3_bucket, s3_endpoint, version):
+    source_key = Fernet.generate_key().decode()
+    cli("sample", "--airflow-version", "2.10.5", "--target", pg_url, "--dag-runs", "60", "--faults",
+        f"--fernet-key={source_key}")
+    dest = f"s3://{s3_bucket}/history"
+    cli("export", "--source", pg_url, "--to", dest, "--chunk-rows", "200", "--s3-endpoint-url", s3_endpoint)
+    api = environments(version)
+    _dags_folder(api)
+    api.airflow("dags", "reserialize")
+    for dag_id, paused in OTHER_DAGS.items():
+        api.airflow("dags", "pause" if paused else "unpause", dag_id)
+    before = _paused(api.db_url)
+    assert before == OTHER_DAGS
+    api.airflow("variables", "set", "airflow_history_source_fernet_secret", source_key)
+    api.start()
+    passwords = json.loads((api.home / "simple_auth_manager_passwords.json.generated").read_text())
+    api.env["AIRFLOW_CONN_AIRFLOW_API"] = json.dumps({"conn_type": "http", "host": api.base, "login": "admin",
+                                                      "password": passwords["admin"]})
+
+    state, out = _dag_test(api, "airflow_history_import", "2026-01-01T00:00:00+00:00", f"s3://{s3_bucket}/nothing-here")
+    assert state == "failed", out[-6000:]
+    assert re.search(r"job \w+ failed: ", out) and "nothing-here has no manifest.json" in out, out[-6000:]  # in the task's log
+    tries = rows(api.db_url, "task_instance", ["task_id", "try_number"])
+    assert ("import_history", 1) in tries, f"a job the engine failed was retried: {tries}"
+    assert _paused(api.db_url) == before
+    assert count(api.db_url, "dag_run") == 1, "the failed import wrote history"  # the import DAG's own run
+
+    state, out = _dag_test(api, "airflow_history_import", "2026-01-02T00:00:00+00:00", dest)
+    assert state == "success", out[-6000:]
+    assert re.search(r"task_instance: done, [\d,]+ rows", out), out[-6000:]  # the job's progress, in the task's log
+    assert _paused(api.db_url) == before
+    assert source_key not in out
+
+    assert cli("diff", "--source", dest, "--target", api.db_url, "--s3-endpoint-url", s3_endpoint).returncode == 0
+    seen = json.loads(subprocess.run([str(api.venv / "bin" / "python"), "-c", _READ_BACK], env=api.env,
+                                     capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    assert seen["runs"] == count(api.db_url, "dag_run") and seen["tis"] == count(api.db_url, "task_instance")
+    assert seen["xcom"] and set(seen["xcom"]) == {"naïve ☃ 🚀 中文"}
+    assert (seen["variable"], seen["password"]) == ("s3cr3t-ÄÖ-🚀", "pw1")
+
+    # The same environment as a source: the example export DAG has the API server export it.
+    again = f"s3://{s3_bucket}/from-{version}"
+    state, out = _dag_test(api, "airflow_history_export", "2026-01-03T00:00:00+00:00", again)
+    assert state == "success", out[-6000:]
+    assert _paused(api.db_url) == before
+    package = Package(Store(again, s3_endpoint))
+    exported = {r["dag_id"]: r["is_paused"] for b, _, _ in package.chunks("dag") for r in b.to_pylist()}
+    assert {d: exported[d] for d in OTHER_DAGS} == OTHER_DAGS, "the export carries the paused states as they were"
+    assert package.manifest["tables"]["task_instance"]["rows"] >= seen["tis"]
