@@ -599,6 +599,23 @@ def test_dry_run_predicts_dataset_alias_links_on_postgresql(request, tmp_path, p
     assert cli("diff", "--source", dest, "--target", tgt).returncode == 0
 
 
+def test_a_diff_against_the_source_database_meets_rows_keyed_by_uuid(request, pg_server, pg_url, tmp_path):
+    """The diff that gates a cutover, run against the source database rather than the export: nothing is
+    skipped by the ledger's chunks there, and PostgreSQL's uuid keys (3.x task_instance_note, history) must
+    meet the mapped text ids, or every such row shows as missing."""
+    cli("sample", "--airflow-version", "2.10.5", "--target", pg_url, "--dag-runs", "12", "--faults")
+    dest = str(tmp_path / "export")
+    cli("export", "--source", pg_url, "--to", dest, "--chunk-rows", "100")
+    target = pg_server.create()
+    request.addfinalizer(lambda: pg_server.drop(target))
+    cli("import", "--from", dest, "--target", target, "--target-version", "3.0.6")
+    out = cli("diff", "--source", pg_url, "--target", target, "--json")
+    tables_ = json.loads(out.stdout)["tables"]
+    assert out.returncode == 0, {t: c for t, c in tables_.items() if c.get("insert") or c.get("only_in_target")}
+    for name in ("task_instance_note", "task_instance_history"):
+        assert tables_[name]["in_target"] == tables_[name]["source"] > 0, (name, tables_[name])
+
+
 # -- bad input: one line, exit 1, the target as it was ---------------------------------------------
 
 def test_bad_input_is_one_line_exit_1_and_leaves_the_target_unchanged(pg_url, sqlite_url, tmp_path):

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from .. import ledger, urls
+from .. import batches, ledger, urls
 from ..errors import EtlError
 from .references import Check, References, checks
 
@@ -188,11 +188,15 @@ class Dialect:
 
 
 def _norm(v):
-    """Datetimes come back naive from some drivers; keys compare in UTC."""
+    """Datetimes come back naive from some drivers, keys compare in UTC; PostgreSQL's uuid comes back
+    as a UUID, batches carry the text."""
     import datetime as dt
+    import uuid
 
     if isinstance(v, dt.datetime) and v.tzinfo is None:
         return v.replace(tzinfo=dt.timezone.utc)
+    if isinstance(v, uuid.UUID):
+        return str(v)
     return v
 
 
@@ -420,7 +424,7 @@ class TableLoader:
             idmap.extend(np.concatenate(new_src), np.concatenate(new_dst))
         elif new_src:
             s, d, n = idmap.extend(np.concatenate(new_src), np.concatenate(new_dst))
-            self.dialect.insert(conn, ledger.ID_MAP, pa.record_batch({
+            self.dialect.insert(conn, ledger.ID_MAP, pa.RecordBatch.from_pydict({
                 "source": pa.array([self.source] * len(s)), "table_name": pa.array([self.t.name] * len(s)),
                 "source_id": pa.array(s, pa.int64()), "target_id": pa.array(d, pa.int64()),
                 "length": pa.array(n, pa.int64())}))
@@ -505,8 +509,7 @@ def _without_existing(conn: sa.Connection, t: TargetTable, batch: pa.RecordBatch
 
 
 def _set(batch: pa.RecordBatch, name: str, values: pa.Array) -> pa.RecordBatch:
-    i = batch.schema.get_field_index(name)
-    return batch.set_column(i, batch.schema.field(i).with_type(values.type), values)
+    return batches.put(batch, batch.schema.field(name).with_type(values.type), values)
 
 
 def dialect_for(engine: sa.Engine) -> Dialect:
