@@ -20,7 +20,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 
-from .errors import EtlError
+from .errors import EtlError, UsageError
 
 FORMAT = 1
 
@@ -46,10 +46,16 @@ def versions() -> list[str]:
     return sorted((n[len("airflow-"):-len(".json")] for n in names), key=version_key)
 
 
+def require(version: str) -> str:
+    """A version typed by someone (or named by a manifest): refused as a usage error, exit 2, with the known ones."""
+    if version not in versions():
+        raise UsageError(f"Airflow {version} is not in the schema catalog (known: {', '.join(versions())})")
+    return version
+
+
 @functools.lru_cache(maxsize=None)
 def load(version: str) -> Schema:
-    if version not in versions():
-        raise EtlError(f"Airflow {version} is not in the schema catalog (known: {', '.join(versions())})")
+    require(version)
     data = json.loads(resources.files("etl.schemas").joinpath(f"airflow-{version}.json").read_text())
     if data.get("format") != FORMAT:
         raise EtlError(f"schemas/airflow-{version}.json has format {data.get('format')}, this engine reads {FORMAT}")

@@ -153,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as exc:  # noqa: BLE001 - anything unexpected still gets one line unless --debug
         return _fail(exc, args.debug, code=1, unexpected=True)
-    if args.json:
-        json.dump(report.to_dict(), sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
-    else:
-        print(report.format_text())
+    try:
+        if args.json:
+            json.dump(report.to_dict(), sys.stdout, indent=2, default=str)
+            sys.stdout.write("\n")
+        else:
+            print(report.format_text())
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head` read what it wanted; the job itself is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush fails no more
     return report.info.get("exit_code", 0)
 
 

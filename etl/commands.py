@@ -14,7 +14,7 @@ from typing import Iterator
 import pyarrow as pa
 import sqlalchemy as sa
 
-from . import tables, urls
+from . import batches, tables, urls
 from .errors import UsageError
 from .report import Report
 
@@ -306,7 +306,7 @@ def unpause(batch: pa.RecordBatch, dag_ids) -> pa.RecordBatch:
 
     i = batch.schema.get_field_index("is_paused")
     ours = pc.is_in(batch.column("dag_id"), pa.array(list(dag_ids), pa.string()))
-    return batch.set_column(i, batch.schema.field(i), pc.if_else(ours, False, batch.column(i)))
+    return batches.put(batch, batch.schema.field(i), pc.if_else(ours, False, batch.column(i)))
 
 
 def import_(dest: str, target: str, tables: tuple | None = None, exclude_tables: tuple = (), since: str | None = None,
@@ -320,8 +320,16 @@ def import_(dest: str, target: str, tables: tuple | None = None, exclude_tables:
     report = Report("import")
     report.info.update({"from": dest, "target": urls.redacted(target), "source_airflow_version": src.version})
     _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
-          QuarantineWriter(src.store), report, dry_run=False)
+          QuarantineWriter(src.store, target), report, dry_run=False)
     return report.finish()
+
+
+def _state_dir():
+    """Where a migrate without ``--via`` keeps its quarantine: the user's state folder, not the current one."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "airflow-metadata-etl"
 
 
 def migrate(source: str, target: str, via: str | None = None, tables: tuple | None = None, exclude_tables: tuple = (),
@@ -334,7 +342,7 @@ def migrate(source: str, target: str, via: str | None = None, tables: tuple | No
 
     report = Report("migrate")
     report.info.update({"source": urls.redacted(source), "target": urls.redacted(target)})
-    quarantine = QuarantineWriter(Store(via or "etl-quarantine", s3_endpoint_url))
+    quarantine = QuarantineWriter(Store(via or str(_state_dir()), s3_endpoint_url), target)
     if via:
         export(source, via, tables=tables, exclude_tables=exclude_tables, since=since, dag_ids=dag_ids,
                chunk_rows=chunk_rows, s3_endpoint_url=s3_endpoint_url, source_version=source_version)
@@ -424,6 +432,8 @@ def _load(src, target_url: str, target_version, on_conflict, source_key, target_
         for (table, reason), n in sorted(quarantine.counts.items()):
             report.table(table).add("quarantined", n)
             report.notes.append(f"quarantined {n} {table} rows: {reason}")
+        if quarantine.location:
+            report.info["quarantine"] = quarantine.location
         summary = mapper.summary()
         for table, cols in summary["removed_columns"].items():
             report.notes.append(f"{table}: columns not in Airflow {target.version}, not loaded: {', '.join(cols)}")

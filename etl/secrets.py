@@ -17,6 +17,7 @@ import hmac
 import pyarrow as pa
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from . import batches
 from .errors import EtlError, UsageError
 
 #: (table, value column, flag column saying the value is encrypted, column that names the row).
@@ -70,8 +71,8 @@ class Rekeyer:
         for value_col, flag_col, _ in self._columns(table, batch):
             values = batch.column(value_col).to_pylist()
             new = [self._reencrypt(v) if f else v for v, f in zip(values, self._flags(batch, value_col, flag_col))]
-            i = batch.schema.get_field_index(value_col)
-            batch = batch.set_column(i, batch.schema.field(i), pa.array(new, batch.schema.field(i).type))
+            field = batch.schema.field(value_col)
+            batch = batches.put(batch, field, pa.array(new, field.type))
         return batch
 
     def _columns(self, table: str, batch: pa.RecordBatch):

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
+from . import __version__, batches, urls
 from .errors import EtlError
 
 log = logging.getLogger("etl.staging")
@@ -453,19 +453,32 @@ class Package:
             if low is not None and not any(low <= i <= high for i in ids):
                 continue
             batch = self._read(chunk, schema)
-            for row in batch.select(["id", *columns]).to_pylist():
+            for row in batches.select(batch, ["id", *columns]).to_pylist():
                 if row["id"] in ids:
                     out[row["id"]] = tuple(row[c] for c in columns)
         return out
 
 
 class QuarantineWriter:
-    """Rows that cannot be mapped, kept as Parquet beside the export with the reason, never dropped."""
+    """Rows that cannot be mapped, kept as Parquet with the reason, never dropped.
 
-    def __init__(self, store: Store | None):
+    Under ``quarantine/<target>/<run>/<table>/`` of the store (beside the export, or the migrate's
+    own folder): two targets or two runs never mix their files, and the report names the folder.
+    """
+
+    def __init__(self, store: Store | None, target: str = "", run: str | None = None):
         self.store = store
+        stamp = run or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self.folder = f"quarantine/{urls.label(target)}/{stamp}" if target else f"quarantine/{stamp}"
         self.counts: dict[tuple[str, str], int] = {}
         self._n: dict[str, int] = {}
+
+    @property
+    def location(self) -> str | None:
+        return self.store.url(self.folder) if self.store is not None and self.counts else None
+
+    def _name(self, table: str, n: int) -> str:
+        return f"{table}.{n:05d}.parquet"
 
     def __call__(self, table: str, batch: pa.RecordBatch, reason: str) -> None:
         if batch.num_rows == 0:
@@ -474,8 +487,8 @@ class QuarantineWriter:
         if self.store is None:
             return
         n = self._n[table] = self._n.get(table, 0) + 1
-        safe = batch.append_column("reason", pa.array([reason] * batch.num_rows))
-        self.store.write(f"quarantine/{table}/{table}.{int(time.time())}.{n:05d}.parquet", parquet_bytes(safe))
+        safe = batches.put(batch, "reason", pa.array([reason] * batch.num_rows, pa.string()))
+        self.store.write(f"{self.folder}/{table}/{self._name(table, n)}", parquet_bytes(safe))
 
 
 def schema_to_json(schema: pa.Schema) -> list[dict]:

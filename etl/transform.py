@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import catalog
+from . import batches, catalog
 from . import chain as chain_mod
 from . import tables
 from .errors import EtlError
@@ -70,10 +70,7 @@ def put(batch: pa.RecordBatch, name: str, values: pa.Array) -> pa.RecordBatch:
     """``batch`` with column ``name`` set to ``values`` (replaced in place, or appended)."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
-    i = batch.schema.get_field_index(name)
-    if i >= 0:
-        return batch.set_column(i, pa.field(name, values.type), values)
-    return batch.append_column(pa.field(name, values.type), values)
+    return batches.put(batch, pa.field(name, values.type), values)
 
 
 def column(batch: pa.RecordBatch, name: str, type_: pa.DataType) -> pa.Array:
@@ -273,7 +270,7 @@ class MapContext:
         if rows.num_rows and self._source is not None and ROW in rows.schema.names:
             rows = self._source.take(rows.column(ROW))
         elif ROW in rows.schema.names:
-            rows = rows.drop_columns([ROW])
+            rows = batches.drop(rows, [ROW])
         self.quarantine(table, rows, reason)
 
     # -- lookups ---------------------------------------------------------------------------------
@@ -398,7 +395,7 @@ def complete_dag(batch: pa.RecordBatch, columns: list[dict], version_tables: Map
     out = {}
     if "dag_bundle" in version_tables and "bundle_name" in batch.schema.names:
         names = pc.unique(batch.column("bundle_name").drop_null())
-        out["dag_bundle"] = pa.record_batch({"name": names, ROW: pa.repeat(pa.scalar(-1, pa.int64()), len(names))})
+        out["dag_bundle"] = pa.RecordBatch.from_pydict({"name": names, ROW: pa.repeat(pa.scalar(-1, pa.int64()), len(names))})
     out["dag"] = batch
     return out
 
@@ -428,14 +425,13 @@ class Mapper:
                  read_source: Callable[[str], Iterable[pa.RecordBatch]] | None = None, *, now: dt.datetime | None = None,
                  chain: chain_mod.Chain | None = None, columns: Columns | None = None):
         self.source_version, self.target_version = source_version, target_version
+        if columns is None:  # versions someone typed: checked before the chain's order says anything of them
+            for v in (source_version, target_version):
+                catalog.require(v)
         self.chain = chain or chain_mod.default()
         self.steps = self.chain.path(source_version, target_version)
         if columns is None:
-            known = catalog.versions()
-            for v in (source_version, target_version):
-                if v not in known:
-                    raise EtlError(f"Airflow {v} is not in the schema catalog (known: {', '.join(known)})")
-            versions = [v for v in known if catalog.version_key(source_version) <= catalog.version_key(v)
+            versions = [v for v in catalog.versions() if catalog.version_key(source_version) <= catalog.version_key(v)
                         <= catalog.version_key(target_version)]
             columns = catalog_columns(versions)
         self.columns = columns
@@ -456,7 +452,7 @@ class Mapper:
         self.ctx.observe(table, batch)
         self.ctx._source = batch
         try:
-            current = {table: batch.append_column(ROW, pa.array(np.arange(batch.num_rows, dtype=np.int64)))}
+            current = {table: batches.put(batch, ROW, pa.array(np.arange(batch.num_rows, dtype=np.int64)))}
             keep: dict[str, set[str]] = {}
             gone: list[tuple[str, pa.RecordBatch]] = []
             previous = self.source_version
@@ -465,7 +461,7 @@ class Mapper:
                 previous = hop.version
             if "dag" in current and "dag" in self.columns[self.target_version]:
                 current = self._complete_dag(current)
-            return [(name, b.drop_columns([ROW])) for name, b in [*current.items(), *gone] if b.num_rows]
+            return [(name, batches.drop(b, [ROW])) for name, b in [*current.items(), *gone] if b.num_rows]
         finally:
             self.ctx._source = None
 
@@ -489,12 +485,12 @@ class Mapper:
             outputs = {name: batch}
             if step is not None:
                 if name in step.dropped:
-                    self._drop(name, batch.num_rows, f"not carried into Airflow {hop.version}: {step.dropped[name]}")
+                    self._drop(name, batch.num_rows, f"not carried into Airflow {hop.version} or later: {step.dropped[name]}")
                     gone.append((name, batch))
                     continue
                 renames = {o: n for o, n in step.renamed_columns.get(name, {}).items() if o in batch.schema.names}
                 if renames:
-                    batch = batch.rename_columns([renames.get(c, c) for c in batch.schema.names])
+                    batch = batches.rename(batch, [renames.get(c, c) for c in batch.schema.names])
                 fn = step.tables.get(name)
                 result = fn(batch, self.ctx) if fn is not None else batch
                 outputs = result if isinstance(result, dict) else {step.renamed.get(name, name): result}

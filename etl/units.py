@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-import pyarrow as pa
 import sqlalchemy as sa
 
 from . import commands, tables, urls
@@ -20,7 +19,7 @@ from .errors import EtlError
 from .cut import Cut
 from .extract import TableReader, from_jsonable
 from .report import Report
-from .staging import PackageWriter, QuarantineWriter, Store, parquet_bytes, schema_from_json, schema_to_json
+from .staging import PackageWriter, QuarantineWriter, Store, schema_from_json, schema_to_json
 
 #: Rows per export unit, as planned; a unit writes them as chunks of ``chunk_rows``.
 UNIT_ROWS = 500_000
@@ -194,19 +193,14 @@ class PackageSlice(commands.PackageSource):
 
 
 class UnitQuarantine(QuarantineWriter):
-    """Quarantine files named after the unit, so that a retried unit replaces its own files."""
+    """Files named after the unit, so that a retried unit replaces its own; one folder per target."""
 
-    def __init__(self, store: Store, unit: str):
-        super().__init__(store)
+    def __init__(self, store: Store, target: str, unit: str):
+        super().__init__(store, target, run="units")
         self.unit = unit
 
-    def __call__(self, table: str, batch: pa.RecordBatch, reason: str) -> None:
-        if batch.num_rows == 0:
-            return
-        self.counts[(table, reason)] = self.counts.get((table, reason), 0) + batch.num_rows
-        n = self._n[table] = self._n.get(table, 0) + 1
-        rows = batch.append_column("reason", pa.array([reason] * batch.num_rows))
-        self.store.write(f"quarantine/{table}/{table}.{self.unit}.{n:05d}.parquet", parquet_bytes(rows))
+    def _name(self, table: str, n: int) -> str:
+        return f"{table}.{self.unit}.{n:05d}.parquet"
 
 
 class ImportJob:
@@ -255,7 +249,7 @@ class ImportJob:
     def run(self, unit: dict) -> dict:
         """Load one unit; returns its counts per table."""
         src = PackageSlice(self.dest, self.endpoint, unit["table"], unit["first"], unit["stop"])
-        report = commands.load_source(src, self.target, UnitQuarantine(src.store, unit["name"]), Report("import"),
+        report = commands.load_source(src, self.target, UnitQuarantine(src.store, self.target, unit["name"]), Report("import"),
                                       on_conflict=self.on_conflict, source_fernet_key=self.keys[0],
                                       target_fernet_key=self.keys[1], force=True, source_key=unit.get("source"))
         return {name: t.counts for name, t in report.tables.items()}

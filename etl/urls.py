@@ -8,6 +8,7 @@ rather than trusted.
 from __future__ import annotations
 
 import os
+import re
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
@@ -47,6 +48,15 @@ def is_database_url(text: str) -> bool:
 def redacted(url: str | URL) -> str:
     """The URL with its password hidden, for messages and reports."""
     return normalize(url).render_as_string(hide_password=True)
+
+
+def label(url: str | URL) -> str:
+    """A database as a folder name (backend, host, port, database; never a user or password): where
+    its quarantine goes, one folder per target."""
+    parsed = normalize(url)
+    database = (parsed.database or "memory").rstrip("/").rsplit("/", 1)[-1]
+    parts = [parsed.get_backend_name(), parsed.host, str(parsed.port) if parsed.port else None, database]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(p for p in parts if p))
 
 
 def _redact(text: str) -> str:

@@ -13,7 +13,7 @@ from importlib import resources
 import sqlalchemy as sa
 
 from . import catalog
-from .errors import EtlError, UsageError
+from .errors import EtlError
 
 HINT = "give --source-version / --target-version to say which Airflow version it is"
 
@@ -63,8 +63,7 @@ def detect_version(engine: sa.Engine, override: str | None = None) -> tuple[str,
     """(catalog version, alembic revision) of the database behind ``engine``; ``override`` wins."""
     revision = read_revision(engine)
     if override:
-        if override not in catalog.versions():
-            raise UsageError(f"Airflow {override} is not in the schema catalog (known: {', '.join(catalog.versions())})")
+        catalog.require(override)
         present = sa.inspect(engine).get_table_names()
         if present and revision is None and not {"dag_run", "task_instance"} <= set(present):
             raise EtlError(f"{engine.url.render_as_string(hide_password=True)} is not an Airflow database (no "

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl import catalog
+from etl import batches, catalog
 from etl.chain import reproduces
 from etl.transform import ROW, column, epoch_millis, key_hash, put, uuid7, where
 
@@ -148,7 +148,7 @@ def dataset(batch, ctx):
     """An asset named by its uri in group 'asset'; every dataset not orphaned is also an asset_active row."""
     asset = put(put(batch, "name", batch.column("uri")), "group", pa.repeat(pa.scalar("asset"), batch.num_rows))
     orphaned = column(batch, "is_orphaned", pa.bool_())
-    active = asset.select(["name", "uri", ROW]).filter(pc.invert(pc.fill_null(orphaned, False)))
+    active = batches.select(asset, ["name", "uri", ROW]).filter(pc.invert(pc.fill_null(orphaned, False)))
     return {"asset": asset, "asset_active": active}
 
 

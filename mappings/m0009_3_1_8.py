@@ -21,7 +21,7 @@ def dag(batch, ctx):
     bundle = where(examples, "example_dags", pa.repeat(pa.scalar("dags-folder"), batch.num_rows))
     batch = put(batch, "bundle_name", pc.coalesce(column(batch, "bundle_name", pa.string()), bundle))
     names = pc.unique(pa.concat_arrays([pa.array(["example_dags", "dags-folder"]), batch.column("bundle_name")]))
-    bundles = pa.record_batch({"name": names, ROW: pa.repeat(pa.scalar(-1, pa.int64()), len(names))})
+    bundles = pa.RecordBatch.from_pydict({"name": names, ROW: pa.repeat(pa.scalar(-1, pa.int64()), len(names))})
     return {"dag_bundle": bundles, "dag": batch}
 
 

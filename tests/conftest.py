@@ -18,6 +18,12 @@ from etl import urls
 REQUIRE = os.environ.get("ETL_REQUIRE_SERVERS") == "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_home(tmp_path_factory):
+    """A migrate without --via keeps its quarantine in the user's state folder: the tests' own, not the home's."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+
+
 def _unavailable(what: str) -> None:
     if REQUIRE:
         pytest.fail(f"{what} is required (ETL_REQUIRE_SERVERS=1) but not reachable")

@@ -14,7 +14,7 @@ from etl import ledger, urls
 
 
 def cli(*args: str, env: dict | None = None, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
-    """``cwd``: where a migrate's ``./etl-quarantine`` goes (the checkout otherwise)."""
+    """``cwd``: the working folder (a test's own: nothing the CLI writes may land in the checkout)."""
     import os
 
     out = subprocess.run([sys.executable, "-m", "etl.cli", *args], capture_output=True, text=True, timeout=600,

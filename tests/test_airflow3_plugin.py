@@ -148,11 +148,6 @@ def environments(venvs, pg_server, s3_endpoint, tmp_path):
         pg_server.drop(server.db_url)
 
 
-@pytest.fixture
-def environment(environments) -> ApiServer:
-    return environments(VERSION)
-
-
 def _etl_tables(url: str) -> list[str]:
     engine = urls.open_engine(url)
     names = [t for t in sa.inspect(engine).get_table_names() if t.startswith("_etl_")]
@@ -160,8 +155,9 @@ def _etl_tables(url: str) -> list[str]:
     return names
 
 
-def test_only_an_admin_may_start_a_job_and_a_refused_request_writes_nothing(environment):
-    api = environment.start()
+@pytest.mark.parametrize("version", [VERSION, "3.3.2"])
+def test_only_an_admin_may_start_a_job_and_a_refused_request_writes_nothing(environments, version):
+    api = environments(version).start()
     job = {"job": "import", "dest": "s3://nowhere/at-all"}
     assert api.call("POST", "/etl/jobs", body=job)[0] == 401
     assert api.call("GET", "/etl/jobs")[0] == 401
@@ -185,13 +181,15 @@ def _wait(api: ApiServer, token: str, job_id: str, until, seconds: float = 600) 
     raise AssertionError(f"job {job_id} did not get there: {job}")
 
 
-def test_an_import_through_the_plugin_killed_with_the_api_server_resumes_once(environment, pg_url, s3_bucket, s3_endpoint):
+@pytest.mark.parametrize("version", [VERSION, "3.3.2"])
+def test_an_import_through_the_plugin_killed_with_the_api_server_resumes_once(environments, pg_url, s3_bucket, s3_endpoint,
+                                                                              version):
     source_key = Fernet.generate_key().decode()
     cli("sample", "--airflow-version", "2.10.5", "--target", pg_url, "--dag-runs", "1000", "--faults",
         f"--fernet-key={source_key}")
     dest = f"s3://{s3_bucket}/history"
     cli("export", "--source", pg_url, "--to", dest, "--chunk-rows", "2000", "--s3-endpoint-url", s3_endpoint)
-    api = environment
+    api = environments(version)
     api.airflow("variables", "set", "etl_source_fernet_key", source_key)  # named in the request, never sent
     api.start()
     token = api.token("admin")

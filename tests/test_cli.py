@@ -38,3 +38,21 @@ def test_unknown_option_exits_2():
 def test_unsupported_url_is_a_usage_error():
     out = run("inspect", "oracle://u@h/db")
     assert out.returncode == 2 and "unsupported database 'oracle'" in out.stderr
+
+
+def test_a_version_not_in_the_catalog_is_a_usage_error_wherever_it_is_typed(sqlite_url):
+    for args in (("plan", "--source-version", "2.10.5", "--target-version", "9.9.9"),
+                 ("plan", "--source-version", "9.9.9", "--target-version", "3.0.6"),
+                 ("sample", "--airflow-version", "9.9.9", "--target", sqlite_url),
+                 ("inspect", "--source-version", "9.9.9", sqlite_url)):
+        out = run(*args)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "9.9.9 is not in the schema catalog" in out.stderr, \
+            (args, out.returncode, out.stderr)
+
+
+def test_a_reader_that_closes_the_pipe_early_gets_no_traceback():
+    plan = subprocess.Popen([sys.executable, "-m", "etl.cli", "plan", "--source-version", "1.10.15", "--target-version",
+                             "3.3.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    plan.stdout.close()  # as `| head -1` does once it has its line; here before the report is written
+    stderr = plan.stderr.read().decode()
+    assert plan.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

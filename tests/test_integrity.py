@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -373,7 +374,9 @@ def test_an_orphan_of_a_2x_source_without_foreign_keys_is_quarantined(request, t
     rep = report("migrate", "--source", src, "--target", target, cwd=tmp_path)
     assert _quarantined(rep) == {"task_instance": 1, "task_reschedule": 1}
     assert any("refers to a dag_run row" in n for n in rep["notes"]), rep["notes"]
-    assert list((tmp_path / "etl-quarantine" / "quarantine" / "task_instance").glob("*.parquet"))
+    # The report names where the rows went: the user's state folder, one folder per target and run; not the current one.
+    assert rep["quarantine"].startswith(os.environ["XDG_STATE_HOME"]) and urls.label(target) in rep["quarantine"]
+    assert list(Path(rep["quarantine"], "task_instance").glob("*.parquet")) and not (tmp_path / "etl-quarantine").exists()
     again = report("migrate", "--source", src, "--target", target, cwd=tmp_path)
     assert _inserted(again) == 0
     _settled(src, target, tmp_path, _quarantined(rep), fresh=fresh)

@@ -101,7 +101,7 @@ def test_renamed_split_and_dropped_tables():
     gone = memory_rows("gone", x=pa.array([1, 2], pa.int32()))
     assert m.map("gone", gone) == [("gone", gone)]  # the caller counts it as not in the target
     assert m.summary()["tables_not_carried"] == [{"table": "gone", "rows": 2,
-                                                  "reason": "not carried into Airflow 2.0.0: the feature is gone"}]
+                                                  "reason": "not carried into Airflow 2.0.0 or later: the feature is gone"}]
 
 
 def test_tables_airflow_does_not_know_pass_through():

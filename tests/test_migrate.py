@@ -166,6 +166,7 @@ def test_1_10_to_newest_3x_quarantines_instead_of_dropping(pg_url, tmp_path):
     for table in ("task_instance", "xcom", "connection"):
         assert t[table]["source"] == t[table].get("inserted", 0) + t[table].get("quarantined", 0), table
     assert t["task_instance"]["quarantined"] > 0  # orphans without a dag run
-    quarantined = os.listdir(os.path.join(via, "quarantine"))
+    assert rep["quarantine"].startswith(os.path.join(via, "quarantine", ""))  # beside the staged copy, named by the report
+    quarantined = os.listdir(rep["quarantine"])
     assert {"task_instance", "xcom", "connection"} <= set(quarantined)
     assert cli("diff", "--source", src, "--target", tgt).returncode == 0

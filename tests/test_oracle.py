@@ -175,7 +175,7 @@ def fingerprint(url: str) -> dict[str, str]:
 
 def read_quarantine(stage: Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    for f in sorted((stage / "quarantine").glob("*/*.parquet")):
+    for f in sorted((stage / "quarantine").glob("**/*.parquet")):  # quarantine/<target>/<run>/<table>/
         out.setdefault(f.parent.name, []).extend(pq.read_table(f).to_pylist())
     return out
 

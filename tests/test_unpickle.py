@@ -8,6 +8,7 @@ import pickle
 import sys
 import types
 import zoneinfo
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -210,6 +211,6 @@ def test_a_migrated_conf_pickle_that_would_create_a_file_creates_none_and_is_qua
                       "--via", str(tmp_path / "via"))
     assert not created.exists()
     assert dict(rows(target, "dag_run", ["run_id", "conf"]))[run_id] is None  # the run is kept, its conf is not
-    [kept] = [pq.read_table(f).to_pylist() for f in (tmp_path / "via" / "quarantine" / "dag_run.conf").glob("*.parquet")]
+    [kept] = [pq.read_table(f).to_pylist() for f in Path(migrated["quarantine"], "dag_run.conf").glob("*.parquet")]
     assert [(r["run_id"], "posix.system" in r["reason"]) for r in kept] == [(run_id, True)]
     assert migrated["tables"]["dag_run.conf"]["quarantined"] == 1

@@ -13,7 +13,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from .. import drivers
+from .. import batches, drivers
 from . import pgbinary
 from .base import Dialect, Held
 
@@ -141,7 +141,7 @@ class PostgreSQL(Dialect):
     def _copy(self, conn: sa.Connection, target: str, table: sa.Table, batch: pa.RecordBatch) -> None:
         """``table`` has the column types of ``target`` (itself, or the temp table made from it)."""
         prep = conn.dialect.identifier_preparer
-        batch = batch.select(pgbinary.copy_order(table, batch.schema.names))
+        batch = batches.select(batch, pgbinary.copy_order(table, batch.schema.names))
         cols = ", ".join(prep.quote(c) for c in batch.schema.names)
         parts = pgbinary.stream(batch, pgbinary.encoders(table, batch.schema.names), _PART_BYTES)
         drivers.copy_in(conn, f"COPY {target} ({cols}) FROM STDIN (FORMAT binary)", parts)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from .. import catalog, identity, ledger, tables, urls, versions
+from .. import batches, catalog, identity, ledger, tables, urls, versions
 from ..errors import EtlError
 from .base import Quarantine, Restorer, TableLoader, describe, dialect_for, restore
 from .references import References
@@ -139,11 +139,10 @@ class Target:
             surrogate = col.primary_key and col.name == "id"
             if col.name not in keep and not col.nullable and col.server_default is None and not surrogate:
                 raise EtlError(f"target column {name}.{col.name} is NOT NULL and the source gives no value for it")
-        batch = batch.select(keep)
+        batch = batches.select(batch, keep)
         for col in self._uuid_columns(name):
             if col in keep:
-                i = batch.schema.get_field_index(col)
-                batch = batch.set_column(i, batch.schema.field(i), self._uuid_format(name, col, batch.column(i)))
+                batch = batches.put(batch, batch.schema.field(col), self._uuid_format(name, col, batch.column(col)))
         return batch
 
     def _uuid_columns(self, name: str) -> list[str]:
