@@ -77,7 +77,7 @@ def open_engine(url: str | URL, *, create: bool = False) -> sa.Engine:
         path = parsed.database
         if path and path != ":memory:" and not os.path.exists(path):
             raise EtlError(f"SQLite database {path} does not exist")
-    eng = sa.create_engine(parsed, pool_pre_ping=True, **_utc_session(parsed), **drivers.engine_options())
+    eng = sa.create_engine(parsed, pool_pre_ping=True, **_session(parsed), **drivers.engine_options())
     try:
         with eng.connect():
             pass
@@ -87,17 +87,19 @@ def open_engine(url: str | URL, *, create: bool = False) -> sa.Engine:
     return eng
 
 
-def _utc_session(url: URL) -> dict:
+def _session(url: URL) -> dict:
     """Every timestamp we read or write is UTC; MySQL's TIMESTAMP converts through the session zone.
-
     Airflow itself pins its sessions to UTC the same way, so values round-trip unchanged.
+
+    A read is prefetched in a thread of its own (``etl.pipeline``): SQLAlchemy 2 lets an SQLite
+    connection cross threads by itself, 1.4 (what Airflow 2 pins) needs it said.
     """
     backend = url.get_backend_name()
     if backend == "postgresql":
         return {"connect_args": {"options": "-c timezone=UTC"}}
     if backend == "mysql":
         return {"connect_args": {"init_command": "SET time_zone = '+00:00'"}}
-    return {}
+    return {"connect_args": {"check_same_thread": False}}
 
 
 def first_line(exc: BaseException) -> str:

@@ -66,3 +66,11 @@ def test_the_engine_moves_history_on_the_oldest_pins(pg_server, pg_url, tmp_path
     assert pinned_cli("diff", "--source", dest, "--target", target).returncode == 0
     again = cli("diff", "--source", pg_url, "--target", target)  # and by the engine on today's packages
     assert again.returncode == 0, again.stdout
+
+    # An SQLite source (Airflow 2's standalone database) is read in a prefetch thread, which SQLAlchemy 1.4 refuses unless told.
+    lite = f"sqlite:///{tmp_path / 'standalone.db'}"
+    cli("sample", "--airflow-version", "2.10.5", "--target", lite, "--dag-runs", "5")
+    for args in (("export", "--source", lite, "--to", str(tmp_path / "standalone")),
+                 ("migrate", "--source", lite, "--target", f"sqlite:///{tmp_path / 'new.db'}", "--target-version", "3.0.6")):
+        out = pinned_cli(*args)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, f"{args[0]}: {out.stderr[-3000:]}"
