@@ -28,6 +28,9 @@ class Release:
     python: str  # pyenv version
     cap: str | None  # uv --exclude-newer date
     extra: tuple[str, ...] = ()
+    #: resolve the release's base requirements ourselves: 1.10.12's metadata has a malformed
+    #: requirement under its ``all`` extra that uv refuses to parse
+    no_deps: bool = False
 
     @property
     def init_args(self) -> list[str]:
@@ -45,27 +48,49 @@ class Release:
         return ["db", "upgrade"] if (major, minor) < (2, 7) else ["db", "migrate"]
 
 
-# Newest patch of each minor. Every row was measured (2026-11): it installs from PyPI with only its
-# cap, without the freeze files, and its init command builds exactly the catalog's schema. Caps (none
-# for the newest) sit weeks after the release; 1.10.15 needs the SQLAlchemy 1.3 pin: its `~=1.3` admits 1.4.2,
-# under which `initdb` dies (no module sqlalchemy.ext.declarative.clsregistry).
+# One release per distinct alembic head from 1.10.12 on (schemas/releases.json): the newest release
+# at that head, so every release is served by a snapshot built by a release at its head. Rows were
+# measured: each installs from PyPI with only its cap, and its init command builds exactly the
+# catalog's schema. Caps (none for the newest) sit about two weeks after the release; 1.10.15 needs
+# the SQLAlchemy 1.3 pin: its `~=1.3` admits 1.4.2, under which `initdb` dies.
 _PG2 = ("psycopg2-binary",)
 _PG3X = ("psycopg2-binary", "asyncpg")
 RELEASES = {r.version: r for r in (
+    # MWAA's first release; cryptography is not among its base requirements, and Fernet needs it.
+    Release("1.10.12", "3.8.18", "2020-09-01", _PG2 + ("sqlalchemy==1.3.18", "WTForms<3", "marshmallow-sqlalchemy<0.24",
+                                                     "cryptography"), no_deps=True),
     Release("1.10.15", "3.8.18", "2021-03-24", _PG2 + ("sqlalchemy==1.3.23",)),
+    Release("2.0.0", "3.8.18", "2020-12-28", _PG2),
+    Release("2.0.1", "3.8.18", "2021-02-22", _PG2),
     Release("2.0.2", "3.8.18", "2021-04-26", _PG2),
+    Release("2.1.2", "3.8.18", "2021-07-24", _PG2),
+    Release("2.1.3", "3.8.18", "2021-09-01", _PG2),
     Release("2.1.4", "3.8.18", "2021-09-20", _PG2),
+    Release("2.2.2", "3.9.18", "2021-11-25", _PG2),  # MWAA's; 2.2.0 to 2.2.2 share its head
+    Release("2.2.3", "3.9.18", "2021-12-28", _PG2),
     Release("2.2.5", "3.9.18", "2022-04-11", _PG2),
+    Release("2.3.0", "3.9.18", "2022-05-11", _PG2),
+    Release("2.3.1", "3.9.18", "2022-06-04", _PG2),
+    Release("2.3.2", "3.9.18", "2022-06-15", _PG2),
     Release("2.3.4", "3.9.18", "2022-08-30", _PG2),
+    Release("2.4.1", "3.10.13", "2022-10-11", _PG2),
+    Release("2.4.2", "3.10.13", "2022-11-03", _PG2),
     Release("2.4.3", "3.10.13", "2022-11-20", _PG2),
+    Release("2.5.1", "3.10.13", "2023-01-27", _PG2),  # MWAA's, a target of the 1.10.12 test
     Release("2.5.3", "3.10.13", "2023-04-05", _PG2),
+    Release("2.6.1", "3.10.13", "2023-05-29", _PG2),
     Release("2.6.3", "3.10.13", "2023-07-15", _PG2),
     Release("2.7.3", "3.11.7", "2023-11-13", _PG2),
+    Release("2.8.0", "3.11.7", "2023-12-30", _PG2),
     Release("2.8.4", "3.11.7", "2024-04-15", _PG2),
+    Release("2.9.1", "3.11.7", "2024-05-16", _PG2),
     Release("2.9.3", "3.11.7", "2024-07-23", _PG2),
+    Release("2.10.2", "3.11.7", "2024-10-01", _PG2),  # serves MWAA's 2.10.1: 2.10.0 to 2.10.2 share its head
     Release("2.10.5", "3.11.7", "2025-02-17", _PG2),
     Release("2.11.2", "3.11.7", None, _PG2),
+    Release("3.0.2", "3.11.7", "2025-06-20", _PG3X),
     Release("3.0.6", "3.11.7", "2025-09-05", _PG3X),
+    Release("3.1.7", "3.11.7", "2026-02-17", _PG3X),
     Release("3.1.8", "3.11.7", "2026-03-18", _PG3X),
     Release("3.2.2", "3.11.7", None, _PG3X),
     Release("3.3.2", "3.11.7", None, _PG3X),
@@ -141,6 +166,9 @@ def _install(rel: Release, venv: Path) -> None:
         reqs = venv / "requirements.txt"
         reqs.write_text("".join(line for line in freeze.read_text().splitlines(True) if not line.startswith("mysqlclient")))
         cmd += ["-r", str(reqs)] + [e for e in rel.extra if not e.startswith("sqlalchemy")]
+    elif rel.no_deps:
+        subprocess.run(cmd + ["--no-deps", f"apache-airflow=={rel.version}"], check=True)
+        cmd += [*_base_requirements(py), *rel.extra]
     else:
         cmd += [f"apache-airflow=={rel.version}", *rel.extra]
     if rel.cap:
@@ -149,6 +177,13 @@ def _install(rel: Release, venv: Path) -> None:
     subprocess.run(cmd, check=True)
     if _installed(py) != rel.version:
         raise EtlError(f"Airflow {rel.version} did not install into {venv}")
+
+
+def _base_requirements(py: Path) -> list[str]:
+    """The installed release's requirements outside any extra."""
+    out = subprocess.run([str(py), "-c", "from importlib.metadata import requires; print('\\n'.join(requires('apache-airflow')))"],
+                         capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if line.strip() and "extra ==" not in line]
 
 
 def _installed(py: Path) -> str | None:

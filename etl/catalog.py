@@ -41,21 +41,82 @@ class Schema:
 
 @functools.lru_cache(maxsize=None)
 def versions() -> list[str]:
-    """Catalog versions, oldest first."""
+    """Versions with a schema snapshot of their own, oldest first: the steps the mapper walks."""
     names = [p.name for p in resources.files("etl.schemas").iterdir() if p.name.startswith("airflow-") and p.name.endswith(".json")]
     return sorted((n[len("airflow-"):-len(".json")] for n in names), key=version_key)
 
 
+@functools.lru_cache(maxsize=None)
+def releases() -> dict[str, str]:
+    """Every Airflow release from 1.10.12 on with its alembic head, oldest first (``schemas/releases.json``,
+    read from the releases' wheels by ``bin/snapshot-schemas``)."""
+    return json.loads(resources.files("etl.schemas").joinpath("releases.json").read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def heads() -> dict[str, str]:
+    """alembic head -> the oldest catalog version built at it (2.10.5 rather than 2.11.2: identical schemas)."""
+    out: dict[str, str] = {}
+    for v in versions():
+        out.setdefault(load(v).alembic_revision, v)
+    return out
+
+
+def schema_version(version: str) -> str:
+    """The catalog version whose snapshot serves ``version``: its own, or that of the release with the same
+    alembic head (2.7.2 is served by 2.7.3: no 2.7.x patch changed the schema). Versions the catalog
+    does not know pass through, for chains built in memory."""
+    if version in versions():
+        return version
+    return heads().get(releases().get(version, ""), version)
+
+
+def schema_key(version: str) -> tuple[int, ...]:
+    """Where a version's data sits in the chain: that of the snapshot serving it, so that 2.7.2 data is
+    not given 2.7.3's step a second time."""
+    return version_key(schema_version(version))
+
+
 def require(version: str) -> str:
-    """A version typed by someone (or named by a manifest): refused as a usage error, exit 2, with the known ones."""
-    if version not in versions():
-        raise UsageError(f"Airflow {version} is not in the schema catalog (known: {', '.join(versions())})")
-    return version
+    """A version typed by someone (or named by a manifest): refused as a usage error, exit 2, naming what is known."""
+    if version in versions() or schema_version(version) in versions():
+        return version
+    if version in releases():
+        raise UsageError(f"Airflow {version} (alembic head {releases()[version]}) has no schema snapshot in this engine "
+                         f"yet; releases served: {served_ranges()}")
+    raise UsageError(f"Airflow {version} is not a release this engine knows; releases served: {served_ranges()}")
+
+
+def served_ranges() -> str:
+    """The served releases as ranges of consecutive ones ('1.10.12 to 2.2.2, 2.2.4 to 2.3.0, ...')."""
+    ranges: list[list[str]] = []
+    previous_served = False
+    for release in releases():
+        served = schema_version(release) in versions()
+        if served and previous_served:
+            ranges[-1][1] = release
+        elif served:
+            ranges.append([release, release])
+        previous_served = served
+    return ", ".join(a if a == b else f"{a} to {b}" for a, b in ranges)
+
+
+def first_release(version: str) -> str:
+    """The oldest release at ``version``'s head (3.0.0 for 3.0.2): where what a step does first shows."""
+    head = releases().get(version)
+    return next((r for r, h in releases().items() if h == head), version)
+
+
+def releases_at(version: str) -> list[str]:
+    """The releases a database built by ``version`` cannot be told apart from: those sharing its head."""
+    head = load(version).alembic_revision
+    return [r for r, h in releases().items() if h == head]
 
 
 @functools.lru_cache(maxsize=None)
 def load(version: str) -> Schema:
     require(version)
+    version = schema_version(version)
     data = json.loads(resources.files("etl.schemas").joinpath(f"airflow-{version}.json").read_text())
     if data.get("format") != FORMAT:
         raise EtlError(f"schemas/airflow-{version}.json has format {data.get('format')}, this engine reads {FORMAT}")

@@ -86,7 +86,8 @@ class Step:
             text = " ".join((fn.__doc__ or fn.__name__).strip().split("\n\n")[0].split())
             out[table] = {"rule": text, "airflow_revisions": list(getattr(fn, "airflow_revisions", ()))}
         for table, reason in self.dropped.items():
-            out[table] = {"rule": f"not carried into Airflow {self.version}: {reason}", "airflow_revisions": []}
+            out[table] = {"rule": f"not carried into Airflow {catalog.first_release(self.version)} or later: {reason}",
+                          "airflow_revisions": []}
         return out
 
 
@@ -139,8 +140,8 @@ class Chain:
 
     def path(self, source: str, target: str) -> list[Step]:
         """The steps that turn ``source`` data into ``target`` data, oldest first; none for the same version."""
-        src, dst = catalog.version_key(source), catalog.version_key(target)
-        if dst < src:
+        src, dst = catalog.schema_key(source), catalog.schema_key(target)
+        if catalog.version_key(target) < catalog.version_key(source):
             raise EtlError(f"the target, Airflow {target}, is older than the source, Airflow {source}: "
                            "history only moves to the same or a newer Airflow")
         if src < catalog.version_key(self.base):

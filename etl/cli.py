@@ -34,6 +34,10 @@ def _common(debug_only: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+_XCOM_JSON = ("xcom values that are pickles of JSON data arrive as JSON, which Airflow 2 reads without "
+              "enable_xcom_pickling and Airflow 3 keeps (it archives pickles)")
+
+
 def _load_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("loading")
     g.add_argument("--target-version", help="override the target's detected Airflow version")
@@ -42,6 +46,7 @@ def _load_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source-fernet-key", metavar="K[,K]", help="Fernet key(s) the source encrypted with")
     g.add_argument("--target-fernet-key", metavar="K[,K]", help="Fernet key(s) to re-encrypt with (first one encrypts)")
     g.add_argument("--force", action="store_true", help="write even while the target's scheduler is alive")
+    g.add_argument("--xcom-json", action="store_true", help=_XCOM_JSON)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-conflict", choices=("skip", "update"), default="skip")
     p.add_argument("--source-fernet-key", metavar="K[,K]")
     p.add_argument("--target-fernet-key", metavar="K[,K]")
+    p.add_argument("--xcom-json", action="store_true", help=_XCOM_JSON)
 
     p = sub.add_parser("sample", parents=[bare], help="fill a database with a realistic, seeded Airflow history")
     p.add_argument("--airflow-version", required=True, metavar="V")

@@ -14,7 +14,7 @@ from typing import Iterator
 import pyarrow as pa
 import sqlalchemy as sa
 
-from . import batches, tables, urls
+from . import batches, catalog, tables, urls
 from .errors import UsageError
 from .report import Report
 
@@ -31,6 +31,8 @@ def inspect(url: str, source_version: str | None = None, progress: bool = False)
         version, revision = versions.detect_version(engine, override=source_version)
         report.info["airflow_version"] = version
         report.info["alembic_revision"] = revision
+        if not source_version:  # one head, several releases: the database cannot say which of them built it
+            report.info["releases_at_this_head"] = ", ".join(catalog.releases_at(version))
         present = sa.inspect(engine).get_table_names()
         with engine.connect() as conn:
             for name in tables.select(present):
@@ -312,7 +314,7 @@ def unpause(batch: pa.RecordBatch, dag_ids) -> pa.RecordBatch:
 def import_(dest: str, target: str, tables: tuple | None = None, exclude_tables: tuple = (), since: str | None = None,
             dag_ids=None, chunk_rows: int = 50_000, s3_endpoint_url: str | None = None, target_version: str | None = None,
             on_conflict: str = "skip", source_fernet_key: str | None = None, target_fernet_key: str | None = None,
-            force: bool = False, progress: bool = False) -> Report:
+            force: bool = False, progress: bool = False, xcom_json: bool = False) -> Report:
     """Load an export into ``target``: verified first, then mapped and upserted chunk by chunk."""
     src = _open_source(dest, None, tables, exclude_tables, since, dag_ids, chunk_rows, s3_endpoint_url)
     from .staging import QuarantineWriter
@@ -320,7 +322,7 @@ def import_(dest: str, target: str, tables: tuple | None = None, exclude_tables:
     report = Report("import")
     report.info.update({"from": dest, "target": urls.redacted(target), "source_airflow_version": src.version})
     _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
-          QuarantineWriter(src.store, target), report, dry_run=False)
+          QuarantineWriter(src.store, target), report, dry_run=False, xcom_json=xcom_json)
     return report.finish()
 
 
@@ -336,7 +338,7 @@ def migrate(source: str, target: str, via: str | None = None, tables: tuple | No
             since: str | None = None, dag_ids=None, chunk_rows: int = 50_000, s3_endpoint_url: str | None = None,
             source_version: str | None = None, target_version: str | None = None, on_conflict: str = "skip",
             source_fernet_key: str | None = None, target_fernet_key: str | None = None, force: bool = False,
-            progress: bool = False) -> Report:
+            progress: bool = False, xcom_json: bool = False) -> Report:
     """Source to target with no staging files; ``via`` also keeps the staged Parquet copy."""
     from .staging import QuarantineWriter, Store
 
@@ -350,13 +352,13 @@ def migrate(source: str, target: str, via: str | None = None, tables: tuple | No
         staged = PackageSource(via, s3_endpoint_url, tables, exclude_tables)
         report.info["source_airflow_version"] = staged.version
         _load(staged, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
-              quarantine, report, dry_run=False)
+              quarantine, report, dry_run=False, xcom_json=xcom_json)
         return report.finish()
     src = DatabaseSource(source, source_version, tables, exclude_tables, since, dag_ids, chunk_rows)
     try:
         report.info["source_airflow_version"] = src.version
         _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, force, progress,
-              quarantine, report, dry_run=False)
+              quarantine, report, dry_run=False, xcom_json=xcom_json)
     finally:
         src.close()
     return report.finish()
@@ -365,7 +367,7 @@ def migrate(source: str, target: str, via: str | None = None, tables: tuple | No
 def diff(source: str, target: str, tables: tuple | None = None, exclude_tables: tuple = (), since: str | None = None,
          dag_ids=None, chunk_rows: int = 50_000, s3_endpoint_url: str | None = None, source_version: str | None = None,
          target_version: str | None = None, on_conflict: str = "skip", source_fernet_key: str | None = None,
-         target_fernet_key: str | None = None, progress: bool = False) -> Report:
+         target_fernet_key: str | None = None, progress: bool = False, xcom_json: bool = False) -> Report:
     """What a migrate would do, table by table, writing nothing; exit code 3 when not in sync.
 
     Out of sync: rows to insert or update, and, unless the diff is filtered by date or DAG, rows
@@ -378,7 +380,7 @@ def diff(source: str, target: str, tables: tuple | None = None, exclude_tables: 
         report.info.update({"source": urls.redacted(source) if urls.is_database_url(source) else source,
                             "target": urls.redacted(target), "source_airflow_version": src.version})
         _load(src, target, target_version, on_conflict, source_fernet_key, target_fernet_key, True, progress,
-              QuarantineWriter(None), report, dry_run=True)
+              QuarantineWriter(None), report, dry_run=True, xcom_json=xcom_json)
     finally:
         if isinstance(src, DatabaseSource):
             src.close()
@@ -403,7 +405,7 @@ def load_source(src, target: str, quarantine, report: Report, on_conflict: str =
 
 
 def _load(src, target_url: str, target_version, on_conflict, source_key, target_key, force, progress, quarantine,
-          report: Report, dry_run: bool, recognised: str | None = None) -> None:
+          report: Report, dry_run: bool, recognised: str | None = None, xcom_json: bool = False) -> None:
     from . import pipeline
     from .load.target import Target
     from .progress import Progress
@@ -420,7 +422,7 @@ def _load(src, target_url: str, target_version, on_conflict, source_key, target_
         else:
             target.recognise(src.fingerprint, src.rows_by_id)
         report.info["source_key"] = target.source_key
-        mapper = Mapper(src.version, target.version, quarantine, read_source=src.batches)
+        mapper = Mapper(src.version, target.version, quarantine, read_source=src.batches, xcom_json=xcom_json)
         bar = Progress(progress)
         try:
             pipeline.run(src, target, mapper, rekeyer, report, bar, dry_run=dry_run)
@@ -437,6 +439,8 @@ def _load(src, target_url: str, target_version, on_conflict, source_key, target_
         summary = mapper.summary()
         for table, cols in summary["removed_columns"].items():
             report.notes.append(f"{table}: columns not in Airflow {target.version}, not loaded: {', '.join(cols)}")
+        for change in summary["rewritten"]:
+            report.notes.append(f"{change['column']}: {change['rows']} {change['what']}")
         for gone in summary["tables_not_carried"]:
             report.notes.append(f"{gone['table']}: {gone['rows']} rows not loaded: {gone['reason']} (they stay in the source"
                                 f"{' and the export' if isinstance(src, PackageSource) else ''})")

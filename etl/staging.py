@@ -370,7 +370,7 @@ class Package:
         if not identity.get("source_fingerprint") or not isinstance(m.get("tables"), dict):
             raise EtlError(f"{where} names no source (identity.source_fingerprint) or no tables: not an export's manifest")
         version = m.get("airflow_version")
-        if version not in catalog.versions():
+        if not isinstance(version, str) or catalog.schema_version(version) not in catalog.versions():
             raise EtlError(f"{where}: Airflow {version!r} is not a version this engine knows")
         read, listed = set(identity.get("tables") or []), set(m["tables"])
         if read - listed:

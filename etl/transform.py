@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import batches, catalog
+from . import batches, catalog, readable
 from . import chain as chain_mod
 from . import tables
 from .errors import EtlError
@@ -423,20 +423,20 @@ class Mapper:
 
     def __init__(self, source_version: str, target_version: str, quarantine: Sink | None = None,
                  read_source: Callable[[str], Iterable[pa.RecordBatch]] | None = None, *, now: dt.datetime | None = None,
-                 chain: chain_mod.Chain | None = None, columns: Columns | None = None):
+                 chain: chain_mod.Chain | None = None, columns: Columns | None = None, xcom_json: bool = False):
         self.source_version, self.target_version = source_version, target_version
         if columns is None:  # versions someone typed: checked before the chain's order says anything of them
             for v in (source_version, target_version):
                 catalog.require(v)
         self.chain = chain or chain_mod.default()
         self.steps = self.chain.path(source_version, target_version)
+        src, dst = catalog.schema_key(source_version), catalog.schema_key(target_version)
         if columns is None:
-            versions = [v for v in catalog.versions() if catalog.version_key(source_version) <= catalog.version_key(v)
-                        <= catalog.version_key(target_version)]
-            columns = catalog_columns(versions)
+            columns = catalog_columns(v for v in catalog.versions() if src <= catalog.version_key(v) <= dst)
+        # The walk is over snapshots: a patch release is served by the snapshot of its head.
+        self.source_schema, self.target_schema = catalog.schema_version(source_version), catalog.schema_version(target_version)
         self.columns = columns
         by_version = {s.version: s for s in self.steps}
-        src, dst = catalog.version_key(source_version), catalog.version_key(target_version)
         self.route = [_Route(v, by_version.get(v)) for v in sorted(columns, key=catalog.version_key)
                       if src < catalog.version_key(v) <= dst]
         self.quarantine = quarantine if quarantine is not None else Quarantine()
@@ -445,8 +445,10 @@ class Mapper:
                               now=now or dt.datetime.now(dt.timezone.utc), needs=needs, read_source=read_source)
         self.removed: dict[str, set[str]] = {}
         self.dropped: dict[tuple[str, str], int] = {}
+        self.readable = readable.Readable(target_version, xcom_json=xcom_json)
 
     def map(self, table: str, batch: pa.RecordBatch) -> list[tuple[str, pa.RecordBatch]]:
+        batch = self.readable(table, batch)
         if not self.route and table != "dag":
             return [(table, batch)]
         self.ctx.observe(table, batch)
@@ -455,11 +457,11 @@ class Mapper:
             current = {table: batches.put(batch, ROW, pa.array(np.arange(batch.num_rows, dtype=np.int64)))}
             keep: dict[str, set[str]] = {}
             gone: list[tuple[str, pa.RecordBatch]] = []
-            previous = self.source_version
+            previous = self.source_schema
             for hop in self.route:
                 current = dict(self._hop(hop, previous, current, keep, gone))
                 previous = hop.version
-            if "dag" in current and "dag" in self.columns[self.target_version]:
+            if "dag" in current and "dag" in self.columns[self.target_schema]:
                 current = self._complete_dag(current)
             return [(name, batches.drop(b, [ROW])) for name, b in [*current.items(), *gone] if b.num_rows]
         finally:
@@ -485,7 +487,7 @@ class Mapper:
             outputs = {name: batch}
             if step is not None:
                 if name in step.dropped:
-                    self._drop(name, batch.num_rows, f"not carried into Airflow {hop.version} or later: {step.dropped[name]}")
+                    self._drop(name, batch.num_rows, f"not carried into Airflow {catalog.first_release(hop.version)} or later: {step.dropped[name]}")
                     gone.append((name, batch))
                     continue
                 renames = {o: n for o, n in step.renamed_columns.get(name, {}).items() if o in batch.schema.names}
@@ -512,7 +514,7 @@ class Mapper:
 
     def _complete_dag(self, current: dict[str, pa.RecordBatch]) -> dict[str, pa.RecordBatch]:
         """dag rows carry only ``tables.DAG_COLUMNS``: fill the rest for the target, bundles first."""
-        target = self.columns[self.target_version]
+        target = self.columns[self.target_schema]
         dag, _ = conform(current.pop("dag"), target["dag"], (), self.ctx.now, "dag")
         completed = complete_dag(dag, target["dag"], target)
         return {**{n: b for n, b in completed.items() if n not in current and n != "dag"}, **current, "dag": completed["dag"]}
@@ -523,7 +525,8 @@ class Mapper:
     def summary(self) -> dict:
         """What did not reach the target as it was, for the job's report."""
         return {"removed_columns": {t: sorted(c) for t, c in sorted(self.removed.items())},
-                "tables_not_carried": [{"table": t, "rows": n, "reason": r} for (t, r), n in sorted(self.dropped.items())]}
+                "tables_not_carried": [{"table": t, "rows": n, "reason": r} for (t, r), n in sorted(self.dropped.items())],
+                "rewritten": [{"column": c, "rows": n, "what": w} for (c, w), n in sorted(self.readable.counts.items())]}
 
 
 # -- plan ---------------------------------------------------------------------------------------------------
@@ -550,7 +553,7 @@ def plan(source_version: str, target_version: str, chain: chain_mod.Chain | None
 def _column_changes(mapper: Mapper) -> dict[str, dict]:
     """Per source table followed to its target name: columns added (with what existing rows get) and removed."""
     out: dict[str, dict] = {}
-    source = mapper.columns.get(mapper.source_version, {})
+    source = mapper.columns.get(mapper.source_schema, {})
     for table in sorted(source):
         name, cols, added, removed = table, {c["name"]: c for c in source[table]}, {}, set()
         for hop in mapper.route:

@@ -4,7 +4,7 @@ Airflow 2 stores ``dag_run.conf`` as a pickle, and Airflow 3's migration e39a26a
 into JSON with ``pickle.loads``, which runs whatever the pickle asks for. A metadata database
 is not a trusted source, so we never import or call anything a pickle names unless it is on
 the list below: the builtin containers and scalars, ``datetime``, ``Decimal``, and the
-timezone classes Airflow values carry (pendulum 2 and 3, dateutil, pytz). Those third-party
+date, duration and timezone classes Airflow values carry (pendulum 1, 2 and 3, dateutil, pytz). Those third-party
 timezones are rebuilt as ``datetime.timezone`` or ``zoneinfo.ZoneInfo`` by stand-ins defined
 here, so none of their libraries' code runs (or needs to be installed). Anything else raises
 ``PickleRefused`` and the caller quarantines the row with that reason.
@@ -99,6 +99,17 @@ class _PendulumTimezone(_Zone):
         return cls(name)
 
 
+class _PendulumTimezoneInfo(_Zone):
+    """pendulum 1 ``TimezoneInfo(tz, utc_offset, is_dst, dst, abbrev)``: one offset of a zone, kept as the zone
+    when it has a name, else as that offset."""
+
+    def __new__(cls, tz=None, utc_offset=0, *_):
+        zone = super().__new__(cls)
+        named = isinstance(tz, _PendulumTimezone) and isinstance(tz.tz, zoneinfo.ZoneInfo)
+        zone.tz = tz.tz if named or isinstance(tz, _UTC) else _fixed(utc_offset if isinstance(utc_offset, int) else 0)
+        return zone
+
+
 class _FixedTimezone(_Zone):
     """pendulum ``FixedTimezone(offset, name)`` and dateutil ``tzoffset(name, offset)``."""
 
@@ -152,6 +163,12 @@ def _datetime(*args):
     return dt.datetime(*args)
 
 
+def _pendulum1(year, month, day, hour=0, minute=0, second=0, microsecond=0, tzinfo=None, fold=0):
+    """pendulum 1 ``Pendulum(y, m, d, H, M, S, us, tz, fold)``: the same fold rule as stdlib's (1: the later of
+    an ambiguous local time)."""
+    return dt.datetime(year, month, day, hour, minute, second, microsecond, tzinfo, fold=1 if fold == 1 else 0)
+
+
 def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
     """Protocol 2 spells bytes as ``_codecs.encode(str, 'latin1')``; no other codec is run."""
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
@@ -195,6 +212,8 @@ ALLOWED: dict[tuple[str, str], Callable] = {
     ("builtins", "getattr"): _getattr,
     ("_codecs", "encode"): _codecs_encode,
     ("copyreg", "_reconstructor"): _reconstructor,
+    ("builtins", "object"): object,  # _reconstructor's base argument in protocols 0 and 1; as data, refused
+    ("__builtin__", "object"): object,
     ("copy_reg", "_reconstructor"): _reconstructor,
     ("collections", "OrderedDict"): dict,
     ("datetime", "datetime"): dt.datetime,
@@ -205,11 +224,17 @@ ALLOWED: dict[tuple[str, str], Callable] = {
     ("datetime", "tzinfo"): dt.tzinfo,
     ("decimal", "Decimal"): decimal.Decimal,
     ("pendulum.datetime", "DateTime"): _datetime,
+    ("pendulum.pendulum", "Pendulum"): _pendulum1,  # Airflow 1.10's; no later pendulum has the module
+    ("pendulum.interval", "Interval"): dt.timedelta,  # pendulum 1's duration; pendulum 3's Interval is a period
     ("pendulum.date", "Date"): dt.date,
     ("pendulum.time", "Time"): dt.time,
     ("pendulum.duration", "Duration"): dt.timedelta,
     ("pendulum.tz.timezone", "Timezone"): _PendulumTimezone,
     ("pendulum.tz.timezone", "FixedTimezone"): _FixedTimezone,
+    ("pendulum.tz.timezone", "_UTC"): _UTC,
+    ("pendulum.tz.timezone_info", "_UTC"): _UTC,
+    ("pendulum.tz.timezone_info", "TimezoneInfo"): _PendulumTimezoneInfo,
+    ("pendulum.tz.transition", "Transition"): _Ignored,
     ("pendulum.tz.zoneinfo.transition", "Transition"): _Ignored,
     ("pendulum.tz.zoneinfo.transition_type", "TransitionType"): _Ignored,
     ("dateutil.tz.tz", "tzutc"): _UTC,

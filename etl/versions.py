@@ -44,11 +44,12 @@ def catalog_version_for(revision: str) -> str:
     its release), so its tables may not exist yet.
     """
     known = revisions()
-    heads: dict[str, str] = {}
-    for v in catalog.versions():
-        heads.setdefault(catalog.load(v).alembic_revision, v)
-    if revision in heads:
-        return heads[revision]
+    if revision in catalog.heads():
+        return catalog.heads()[revision]
+    at_head = [r for r, head in catalog.releases().items() if head == revision]
+    if at_head:
+        raise EtlError(f"alembic revision {revision} is the head of Airflow {' / '.join(at_head)}, which has no schema "
+                       f"snapshot in this engine yet (releases served: {catalog.served_ranges()})")
     if revision not in known:
         raise EtlError(f"unknown alembic revision {revision}: {HINT}")
     introduced = catalog.version_key(known[revision])

@@ -12,6 +12,11 @@ import sqlalchemy as sa
 
 from etl import ledger, urls
 
+#: The releases Amazon MWAA runs or ran, from its first (1.10.12) to 3.0.6: most are patch releases
+#: that share a snapshot with another release.
+MWAA = ("1.10.12", "2.0.2", "2.2.2", "2.4.3", "2.5.1", "2.6.3", "2.7.2", "2.8.1", "2.9.2", "2.10.1", "2.10.3",
+        "2.11.0", "3.0.6")
+
 
 def cli(*args: str, env: dict | None = None, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
     """``cwd``: the working folder (a test's own: nothing the CLI writes may land in the checkout)."""

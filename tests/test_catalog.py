@@ -7,6 +7,8 @@ from importlib import resources
 import pytest
 import sqlalchemy as sa
 
+from helpers import MWAA
+
 from etl import catalog, urls, versions
 from etl.errors import EtlError, UsageError
 
@@ -85,7 +87,7 @@ def test_unknown_revision_is_a_clear_error(sqlite_url):
     with pytest.raises(EtlError, match="unknown alembic revision deadbeef0000.*--source-version"):
         versions.detect_version(engine)
     assert versions.detect_version(engine, override="2.10.5")[0] == "2.10.5"
-    with pytest.raises(UsageError, match="not in the schema catalog"):
+    with pytest.raises(UsageError, match="not a release this engine knows; releases served: 1.10.12 to"):
         versions.detect_version(engine, override="9.9.9")
 
 
@@ -100,9 +102,9 @@ def test_empty_or_absent_alembic_version_is_a_clear_error(sqlite_url):
 
 
 @pytest.mark.parametrize(("revision", "release", "expected"), [
-    ("bff083ad727d", "2.9.2", "2.8.4"),  # before 2.9.3's head (686269002441, also a 2.9.2 migration)
+    ("bff083ad727d", "2.9.2", "2.9.1"),  # before 2.9.3's head (686269002441, also a 2.9.2 migration)
     ("134de42d3cb0", "3.2.0", "3.1.8"),  # part-way through 3.2's migrations
-    ("449b4072c2da", "2.0.2", "1.10.15"),
+    ("449b4072c2da", "2.0.2", "2.0.1"),
 ])
 def test_revision_between_catalog_versions_reads_as_the_older_schema(revision, release, expected):
     assert versions.revisions()[revision] == release
@@ -127,3 +129,41 @@ def test_arrow_types_do_not_depend_on_dialect():
     assert str(schema.field("next_kwargs").type) == "string"
     assert str(schema.field("try_number").type) == "int32"
     assert not schema.field("task_id").nullable
+
+
+def test_every_snapshot_is_at_the_head_its_release_ships():
+    for v in catalog.versions():
+        assert catalog.releases()[v] == catalog.load(v).alembic_revision, v
+
+
+def test_every_release_is_served_by_a_snapshot_of_its_own_head():
+    releases = catalog.releases()
+    assert list(releases) == sorted(releases, key=catalog.version_key)
+    assert set(MWAA) <= set(releases) and next(iter(releases)) == "1.10.12"
+    for release, head in releases.items():
+        assert catalog.load(release).alembic_revision == head, release
+        assert release in catalog.releases_at(catalog.schema_version(release))
+
+
+def test_a_database_at_a_patch_release_head_reads_as_the_snapshot_of_that_head(sqlite_url):
+    """2.10.0 to 2.10.2 share a head that 2.10.3 moved on from: a 2.10.1 database is not a 2.10.5 one."""
+    engine = urls.open_engine(sqlite_url, create=True)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32))")
+        conn.exec_driver_sql(f"INSERT INTO alembic_version VALUES ('{catalog.releases()['2.10.1']}')")
+    version, _ = versions.detect_version(engine)
+    assert version == catalog.schema_version("2.10.1") != catalog.schema_version("2.10.3")
+    assert versions.detect_version(engine, override="2.10.1")[0] == "2.10.1"
+
+
+def test_the_readme_lists_every_release_with_its_head_and_snapshot():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("<!-- releases:", 1)[1].split("\n", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    groups: dict[str, list[str]] = {}
+    for release in catalog.releases():
+        groups.setdefault(catalog.schema_version(release), []).append(release)
+    want = [f"| {rs[0] if len(rs) == 1 else f'{rs[0]} to {rs[-1]}'} | `{catalog.releases()[rs[0]]}` | {v} |"
+            for v, rs in groups.items()]
+    assert table == want

@@ -11,7 +11,7 @@ from etl import airflow_release, catalog, urls, versions
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("version", ["1.10.15", "2.10.5", "3.3.2"])
+@pytest.mark.parametrize("version", ["1.10.12", "1.10.15", "2.10.5", "3.3.2"])
 def test_real_airflow_init_builds_the_catalog_schema(pg_url, version):
     airflow_release.init_db(version, pg_url)
     engine = urls.open_engine(pg_url)
@@ -23,7 +23,7 @@ def test_real_airflow_init_builds_the_catalog_schema(pg_url, version):
     engine.dispose()
 
 
-@pytest.mark.parametrize(("built", "upgraded_by"), [("1.10.15", "2.0.2"), ("2.10.5", "3.3.2")])
+@pytest.mark.parametrize(("built", "upgraded_by"), [("1.10.12", "2.0.2"), ("1.10.15", "2.0.2"), ("2.10.5", "3.3.2")])
 def test_real_airflow_upgrades_a_database_built_from_the_catalog(pg_url, built, upgraded_by):
     engine = urls.open_engine(pg_url)
     catalog.create_empty(engine, built)

@@ -1,8 +1,15 @@
 """The command line's contract: exit codes and one-line errors, through the installed console script."""
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
+
+import pytest
+from helpers import MWAA
+
+from etl import catalog
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -46,7 +53,7 @@ def test_a_version_not_in_the_catalog_is_a_usage_error_wherever_it_is_typed(sqli
                  ("sample", "--airflow-version", "9.9.9", "--target", sqlite_url),
                  ("inspect", "--source-version", "9.9.9", sqlite_url)):
         out = run(*args)
-        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "9.9.9 is not in the schema catalog" in out.stderr, \
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "9.9.9 is not a release this engine knows" in out.stderr, \
             (args, out.returncode, out.stderr)
 
 
@@ -56,3 +63,27 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_traceback():
     plan.stdout.close()  # as `| head -1` does once it has its line; here before the report is written
     stderr = plan.stderr.read().decode()
     assert plan.wait(timeout=120) == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+@pytest.mark.parametrize("release", MWAA)
+def test_every_mwaa_release_is_a_version_for_plan_sample_and_target_version(release, tmp_path):
+    """As a user types them: MWAA's releases, most of them patch releases without a snapshot of their own."""
+    plan = run("plan", "--source-version", "1.10.12", "--target-version", release, "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["target_version"] == release
+    source, target = f"sqlite:///{tmp_path / 'src.db'}", f"sqlite:///{tmp_path / 'dst.db'}"
+    made = run("sample", "--airflow-version", "1.10.12", "--dag-runs", "3", "--target", source)
+    assert made.returncode == 0, made.stderr
+    moved = run("migrate", "--source", source, "--target", target, "--target-version", release, "--json")
+    assert moved.returncode == 0, moved.stderr
+    report = json.loads(moved.stdout)
+    assert report["source_airflow_version"] == "1.10.12" and report["target_airflow_version"] == release
+    with sqlite3.connect(tmp_path / "dst.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == catalog.releases()[release]
+        moved_runs = db.execute("SELECT count(*) FROM dag_run").fetchone()[0]
+    with sqlite3.connect(tmp_path / "src.db") as db:
+        assert moved_runs == db.execute("SELECT count(*) FROM dag_run").fetchone()[0] > 0
+    made = run("sample", "--airflow-version", release, "--dag-runs", "2", "--target", f"sqlite:///{tmp_path / 'own.db'}")
+    assert made.returncode == 0 and f"airflow_version: {release}" in made.stdout, made.stderr
+    with sqlite3.connect(tmp_path / "own.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == catalog.releases()[release]

@@ -31,7 +31,7 @@ from helpers import report
 pytestmark = pytest.mark.slow
 
 NEWEST = catalog.versions()[-1]
-PAIRS = [("1.10.15", "2.10.5"), ("2.2.5", "2.10.5"), ("2.10.5", "3.0.6"), ("2.10.5", NEWEST), ("1.10.15", NEWEST)]
+PAIRS = [("1.10.12", "2.10.5"), ("1.10.12", "3.0.6"), ("1.10.15", "2.10.5"), ("2.2.5", "2.10.5"), ("2.10.5", "3.0.6"), ("2.10.5", NEWEST), ("1.10.15", NEWEST)]
 DAG_RUNS, SEED = 30, 7
 KEY = Fernet.generate_key().decode()
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
 import os
 import pickle
+import subprocess
 import sys
 import types
 import zoneinfo
@@ -17,7 +19,7 @@ import sqlalchemy as sa
 from etl import sample, unpickle, urls
 from helpers import report, rows
 
-#: Pickles made by the libraries in the Airflow 2.2.5 and 3.3.2 virtualenvs, with what they must become.
+#: Pickles made by the libraries in the Airflow 1.10.12, 2.2.5 and 3.3.2 virtualenvs, with what they must become.
 REAL = [
     (  # pendulum 2.1.2 DateTime(FixedTimezone(3600)), protocol 2
         '80026370656e64756c756d2e6461746574696d650a4461746554696d650a7100284de5074b034b044b004b004b004b006370'
@@ -71,6 +73,37 @@ REAL = [
         '80049528000000000000008c0d70656e64756c756d2e74696d65948c0454696d65949394284b014b024b034b004e74945294'
         '2e',
         dt.time(1, 2, 3)),
+    (  # pendulum 1.4.4 Pendulum in UTC (Airflow 1.10 execution_date), protocol 2
+        '80027d710058040000007768656e71016370656e64756c756d2e70656e64756c756d0a50656e64756c756d0a7102284de407'
+        '4b084b064b014b024b034b006370656e64756c756d2e747a2e74696d657a6f6e655f696e666f0a54696d657a6f6e65496e66'
+        '6f0a7103286370656e64756c756d2e747a2e74696d657a6f6e650a5f5554430a7104295271057d71062858050000005f6e61'
+        '6d65710758030000005554437108580c0000005f7472616e736974696f6e7371095d710a58120000005f54696d657a6f6e65'
+        '5f5f747a696e666f73710b5d710c58080000005f747a696e666f73710d68032868054b00894e680874710e52710f7d711028'
+        '58030000005f747a71116805580b0000005f7574635f6f666673657471124b0058100000005f61646a75737465645f6f6666'
+        '7365747113636461746574696d650a74696d6564656c74610a71144b004b004b0087711552711658070000005f69735f6473'
+        '7471178958040000005f64737471184e58070000005f61626272657671196808756285711a58150000005f64656661756c74'
+        '5f747a696e666f5f696e646578711b4b0058150000005f7574635f7472616e736974696f6e5f74696d6573711c6364617465'
+        '74696d650a6461746574696d650a711d635f636f646563730a656e636f64650a711e580b00000007c2b20101000000000000'
+        '711f58060000006c6174696e317120867121527122857123527124857125580b0000005f6c6f63616c5f68696e7471267d71'
+        '2758070000005f747a696e666f7128680f58070000005f6f666673657471294b0075624b00894e680874712a5230680f4b01'
+        '74712b52712c732e',
+        {'when': dt.datetime(2020, 8, 6, 1, 2, 3, tzinfo=dt.timezone.utc)}),
+    (  # pendulum 1.4.4 Pendulum in FixedTimezone(7200), protocol 4
+        '800495f1010000000000008c1170656e64756c756d2e70656e64756c756d948c0850656e64756c756d949394284de4074b08'
+        '4b054b014b024b034dc8018c1970656e64756c756d2e747a2e74696d657a6f6e655f696e666f948c0c54696d657a6f6e6549'
+        '6e666f949394288c1470656e64756c756d2e747a2e74696d657a6f6e65948c0d466978656454696d657a6f6e659493944d20'
+        '1c859452947d94288c055f6e616d65948c062b30323a3030948c0c5f7472616e736974696f6e73945d948c125f54696d657a'
+        '6f6e655f5f747a696e666f73945d948c085f747a696e666f7394680528680a4d201c894e8c0094749452947d94288c035f74'
+        '7a94680a8c0b5f7574635f6f6666736574944d201c8c105f61646a75737465645f6f6666736574948c086461746574696d65'
+        '948c0974696d6564656c74619493944b004d201c4b00879452948c075f69735f64737494898c045f647374944e8c075f6162'
+        '62726576946813756285948c155f64656661756c745f747a696e666f5f696e646578944b008c155f7574635f7472616e7369'
+        '74696f6e5f74696d657394681a8c086461746574696d65949394430a07b20101000000000000948594529485948c0b5f6c6f'
+        '63616c5f68696e74947d948c075f747a696e666f9468158c075f6f6666736574944d201c75624d201c894e68137494523068'
+        '154b01749452942e',
+        dt.datetime(2020, 8, 5, 1, 2, 3, 456, tzinfo=dt.timezone(dt.timedelta(hours=2), '+02:00'))),
+    (  # pendulum 1.4.4 Interval, protocol 2
+        '80026370656e64756c756d2e696e74657276616c0a496e74657276616c0a71004b014b054b008771015271022e',
+        dt.timedelta(days=1, seconds=5)),
 ]
 
 
@@ -214,3 +247,39 @@ def test_a_migrated_conf_pickle_that_would_create_a_file_creates_none_and_is_qua
     [kept] = [pq.read_table(f).to_pylist() for f in Path(migrated["quarantine"], "dag_run.conf").glob("*.parquet")]
     assert [(r["run_id"], "posix.system" in r["reason"]) for r in kept] == [(run_id, True)]
     assert migrated["tables"]["dag_run.conf"]["quarantined"] == 1
+
+
+_PENDULUM_1 = """
+import json, pickle, sys
+import pendulum
+from pendulum.tz.timezone import FixedTimezone
+values = {"amsterdam": pendulum.create(2020, 10, 25, 2, 30, tz="Europe/Amsterdam"),
+          "new_york": pendulum.create(2020, 8, 6, 12, tz="UTC").in_tz("America/New_York"),
+          "utc": pendulum.utcnow(), "fixed": pendulum.create(2020, 1, 2, tz=FixedTimezone(-3600)),
+          "date": pendulum.Date(2020, 8, 5), "interval": pendulum.Interval(days=2, seconds=7)}
+out = {}
+for name, value in values.items():
+    for protocol in (0, 2, 4):
+        text = value.isoformat() if hasattr(value, "isoformat") else value.total_seconds()
+        zone = getattr(getattr(value, "tzinfo", None), "name", None) if name in ("amsterdam", "new_york") else None
+        out[f"{name}-{protocol}"] = [pickle.dumps({"v": value}, protocol=protocol).hex(), text, zone]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_pendulum_1_values_as_airflow_1_10_12_pickles_them_load_as_the_same_instants():
+    """Made by the pendulum 1.4 that 1.10.12 installs: no later pendulum can read these at all."""
+    from etl import airflow_release
+
+    venv = airflow_release.ensure_venv("1.10.12")
+    made = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", _PENDULUM_1], capture_output=True, text=True,
+                                     check=True).stdout)
+    for name, (hexdata, text, zone) in made.items():
+        value = unpickle.loads(bytes.fromhex(hexdata))["v"]
+        if isinstance(value, dt.timedelta):
+            assert value.total_seconds() == text, name
+        else:
+            assert value.isoformat() == text, name
+            if zone:
+                assert value.tzinfo == zoneinfo.ZoneInfo(zone), name

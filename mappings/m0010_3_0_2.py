@@ -17,8 +17,8 @@ from etl.transform import ROW, column, epoch_millis, key_hash, put, uuid7, where
 
 from . import _json3
 
-version = "3.0.6"
-down_version = "2.9.3"
+version = "3.0.2"
+down_version = "2.9.1"
 airflow_revisions = ("1cdc775ca98f", "6a9e7a527a88", "e39a26ac59f6", "0e9519b56710", "d59cbbef95eb", "7645189f3479",
                      "29ce7909c52b", "cf87489a35df", "d469d27e2a64", "eed27faa34e3", "0d9e73a75ee4", "5a5d66100783",
                      "fb2d4922cd79", "05234396c6fc", "5f57a45b8433", "959e216a3abb")

@@ -7,8 +7,8 @@ import pyarrow.compute as pc
 from etl.chain import reproduces
 from etl.transform import ROW, column, put, where
 
-version = "3.1.8"
-down_version = "3.0.6"
+version = "3.1.7"
+down_version = "3.0.2"
 airflow_revisions = ("7582ea3f3dd5",)
 
 

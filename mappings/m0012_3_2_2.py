@@ -8,7 +8,7 @@ from etl.chain import reproduces
 from etl.transform import put
 
 version = "3.2.2"
-down_version = "3.1.8"
+down_version = "3.1.7"
 airflow_revisions = ("888b59e02a5b", "edc4f85a4619", "e79fc784f145")
 
 

@@ -1,4 +1,4 @@
-"""2.0: dag runs get a run_type, pool_slots and xcom keys become required, conn_id becomes unique.
+"""2.0: dag runs get a run_type, xcom keys become required, conn_id becomes unique.
 
 The xcom ``id`` column itself goes with the schema (bbf4a7ad0465); the transform drops it.
 """
@@ -10,9 +10,9 @@ import pyarrow.compute as pc
 from etl.chain import reproduces
 from etl.transform import column, put, where
 
-version = "2.0.2"
+version = "2.0.0"
 down_version = "1.10.15"
-airflow_revisions = ("3c20cacc0044", "8646922c8a04", "bbf4a7ad0465", "8f966b9c467a", "8d48763f6d53", "98271e7606e2")
+airflow_revisions = ("3c20cacc0044", "bbf4a7ad0465", "8f966b9c467a", "8d48763f6d53", "98271e7606e2")
 
 
 @reproduces("3c20cacc0044")
@@ -25,12 +25,6 @@ def dag_run(batch, ctx):
     for value in types:  # Airflow's order; each UPDATE overwrites, so the last match wins
         run_type = where(pc.match_like(batch.column("run_id"), f"{value}__%"), value, run_type)
     return put(batch, "run_type", pc.fill_null(run_type, "manual"))
-
-
-@reproduces("8646922c8a04")
-def task_instance(batch, ctx):
-    """pool_slots NULL becomes 1."""
-    return put(batch, "pool_slots", pc.fill_null(batch.column("pool_slots"), 1))
 
 
 @reproduces("bbf4a7ad0465")
@@ -72,4 +66,4 @@ def dag(batch, ctx):
     return put(batch, "concurrency", pc.fill_null(column(batch, "concurrency", pa.int32()), 16))
 
 
-TABLES = {"dag_run": dag_run, "task_instance": task_instance, "xcom": xcom, "connection": connection, "dag": dag}
+TABLES = {"dag_run": dag_run, "xcom": xcom, "connection": connection, "dag": dag}

@@ -6,8 +6,8 @@ import pyarrow.compute as pc
 from etl.chain import reproduces
 from etl.transform import put, where
 
-version = "2.4.3"
-down_version = "2.3.4"
+version = "2.4.1"
+down_version = "2.3.0"
 airflow_revisions = ("f4ff391becb5",)
 
 

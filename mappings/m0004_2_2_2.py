@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from etl.chain import reproduces
 from etl.transform import put
 
-version = "2.2.5"
+version = "2.2.2"
 down_version = "2.0.2"
 airflow_revisions = ("7b2661a43ba3", "30867afad44a")
 NEEDS = ("runs", "task_instances")

@@ -15,8 +15,8 @@ import pyarrow as pa
 from etl.chain import reproduces
 from etl.transform import put
 
-version = "2.3.4"
-down_version = "2.2.5"
+version = "2.3.0"
+down_version = "2.2.2"
 airflow_revisions = ("e655c0453f75", "c306b5b5ae4a", "4eaab2fe6582", "48925b2719cb")
 NEEDS = ("runs", "task_instances")
 

@@ -7,7 +7,7 @@ from etl.chain import reproduces
 from etl.transform import put
 
 version = "2.7.3"
-down_version = "2.4.3"
+down_version = "2.4.1"
 airflow_revisions = ("405de8318b3a",)
 
 

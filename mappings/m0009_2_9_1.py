@@ -6,8 +6,8 @@ import pyarrow as pa
 from etl.chain import reproduces
 from etl.transform import put
 
-version = "2.9.3"
-down_version = "2.8.4"
+version = "2.9.1"
+down_version = "2.8.0"
 airflow_revisions = ("8e1c784a4fc7",)
 
 

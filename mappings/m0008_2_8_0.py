@@ -6,7 +6,7 @@ import pyarrow as pa
 from etl.chain import reproduces
 from etl.transform import put
 
-version = "2.8.4"
+version = "2.8.0"
 down_version = "2.7.3"
 airflow_revisions = ("375a816bbbf4",)
 
