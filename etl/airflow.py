@@ -218,7 +218,7 @@ def export_dag(dag_id: str, dest: str, *, tables: tuple | None = None, exclude_t
 def import_dag(dag_id: str, source: str, *, tables: tuple | None = None, exclude_tables: tuple = (),
                unit_chunks: int | None = None, on_conflict: str = "skip", source_fernet_key: str | None = None,
                target_fernet_key: str | None = None, s3_endpoint_url: str | None = None,
-               pause_other_dags: bool = False, **dag_options):
+               pause_other_dags: bool = False, xcom_json: bool = False, **dag_options):
     """A DAG that loads an export from ``source`` into this environment's metadata database.
 
     Tasks: verify the export and plan; one mapped task per run of chunks, step by step so that a
@@ -240,7 +240,7 @@ def import_dag(dag_id: str, source: str, *, tables: tuple | None = None, exclude
         return units.ImportJob(source, _database_url(), tables=tables, exclude_tables=tuple(exclude_tables),
                                unit_chunks=unit_chunks or units.UNIT_CHUNKS, on_conflict=on_conflict,
                                source_fernet_key=source_key, target_fernet_key=target_key,
-                               s3_endpoint_url=s3_endpoint_url)
+                               s3_endpoint_url=s3_endpoint_url, xcom_json=xcom_json)
 
     with DAG(**_dag_options(dag_id, dag_options)) as dag:
         @task
@@ -353,7 +353,8 @@ def api_export_dag(dag_id: str, dest: str, *, tables: tuple | None = None, exclu
 
 def api_import_dag(dag_id: str, source: str, *, tables: tuple | None = None, exclude_tables: tuple = (),
                    on_conflict: str = "skip", source_fernet_key: str | None = None, target_fernet_key: str | None = None,
-                   api_connection: str = "airflow_api", pause_other_dags: bool = False, **dag_options):
+                   api_connection: str = "airflow_api", pause_other_dags: bool = False, xcom_json: bool = False,
+                   **dag_options):
     """An Airflow 3 DAG that has the API server (``etl.plugin``) load the export at ``source``, then
     diff it, failing unless this environment holds everything the export does.
 
@@ -364,7 +365,8 @@ def api_import_dag(dag_id: str, source: str, *, tables: tuple | None = None, exc
     _check_secret_ref(source_fernet_key, "source_fernet_key")
     _check_secret_ref(target_fernet_key, "target_fernet_key")
     common = {"tables": list(tables) if tables else None, "exclude_tables": list(exclude_tables),
-              "on_conflict": on_conflict, "source_fernet_key": source_fernet_key, "target_fernet_key": target_fernet_key}
+              "on_conflict": on_conflict, "source_fernet_key": source_fernet_key, "target_fernet_key": target_fernet_key,
+              "xcom_json": xcom_json}
 
     def job(name):
         return lambda location, unpaused: {"job": name, "dest": location, **common}

@@ -150,15 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         report = func(**kwargs)
     except UsageError as exc:
         return _fail(exc, args.debug, code=2)
-    except EtlError as exc:
-        return _fail(exc, args.debug, code=1)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        print("error: interrupted; run the same command again to resume", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - anything unexpected still gets one line unless --debug
-        return _fail(exc, args.debug, code=1, unexpected=True)
+    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - anything unexpected still gets one line
+        if _interrupted(exc):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            print("error: interrupted; run the same command again to resume", file=sys.stderr)
+            return 1
+        return _fail(exc, args.debug, code=1, unexpected=not isinstance(exc, EtlError))
     try:
         if args.json:
             json.dump(report.to_dict(), sys.stdout, indent=2, default=str)
@@ -173,6 +171,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Stopped by Ctrl-C or SIGTERM, also where the stop broke a query in flight and the error that
+    followed (the driver's connection still mid-COPY) is the one that surfaced."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _fail(exc: BaseException, debug: bool, code: int, unexpected: bool = False) -> int:

@@ -392,7 +392,8 @@ def diff(source: str, target: str, tables: tuple | None = None, exclude_tables: 
 
 
 def load_source(src, target: str, quarantine, report: Report, on_conflict: str = "skip", source_fernet_key: str | None = None,
-                target_fernet_key: str | None = None, force: bool = False, source_key: str | None = None) -> Report:
+                target_fernet_key: str | None = None, force: bool = False, source_key: str | None = None,
+                xcom_json: bool = False) -> Report:
     """Map and load any source (a ``PackageSource``, a part of one, a ``DatabaseSource``) into ``target``.
 
     What ``import_`` does after verifying, for callers that cut a job into units of work that run
@@ -400,7 +401,7 @@ def load_source(src, target: str, quarantine, report: Report, on_conflict: str =
     ``source_key``: the source as the target already recognised it (once, when the job was planned).
     """
     _load(src, target, None, on_conflict, source_fernet_key, target_fernet_key, force, False, quarantine, report,
-          dry_run=False, recognised=source_key)
+          dry_run=False, recognised=source_key, xcom_json=xcom_json)
     return report.finish()
 
 

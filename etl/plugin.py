@@ -159,7 +159,7 @@ def _call(request, url: str) -> dict:
             run = commands.import_ if request.job == "import" else commands.diff
             extra = {"force": True} if request.job == "import" else {}  # the environment's scheduler runs
             report = run(request.dest, url, on_conflict=request.on_conflict, source_fernet_key=source_key,
-                         target_fernet_key=target_key, progress=True, **filters, **extra)
+                         target_fernet_key=target_key, progress=True, xcom_json=request.xcom_json, **filters, **extra)
         return {"report": report.to_dict()}
     except BaseException as exc:  # noqa: BLE001 - the job's outcome, reported by its status
         return {"error": exc}
@@ -184,6 +184,7 @@ def _app():
         unpaused: list[str] = []  # export: DAGs paused for its sake, exported as their owners left them
         source_fernet_key: Optional[str] = None  # named, never the key itself: bodies and URLs get logged
         target_fernet_key: Optional[str] = None
+        xcom_json: bool = False  # import, diff: xcom pickles of JSON data arrive as JSON (etl.readable)
 
     def admin(user: GetUserDep) -> None:
         manager = get_auth_manager()

@@ -49,6 +49,8 @@ HISTORY = (
 
 #: Moved-aside rows Airflow's own upgrades left behind (``_airflow_moved__2_2__task_instance``...).
 MOVED_PATTERN = "_airflow_moved__*"
+#: Where Airflow 3's upgrade keeps the pickled xcom values it takes out of ``xcom`` (eed27faa34e3).
+XCOM_ARCHIVE = "_xcom_archive"
 
 #: Rebuilt by the scheduler or DAG processor, or sessions and users that belong to one deployment.
 SKIPPED_REASONS = {
@@ -78,7 +80,7 @@ SKIPPED_REASONS = {
     "kube_resource_version": "executor state of one deployment",
     "kube_worker_uuid": "executor state of one deployment",
 }
-SKIPPED_PATTERNS = ("ab_*", "known_event*", "chart", "users", "dag_bundle*", "_xcom_archive")
+SKIPPED_PATTERNS = ("ab_*", "known_event*", "chart", "users", "dag_bundle*", XCOM_ARCHIVE)
 
 #: Of the dag table only ``is_paused`` is user intent; the rest comes back from DAG files. ``fileloc``
 #: travels too: a DAG whose file is gone is never parsed again, and Airflow 3's API server fails
@@ -101,6 +103,11 @@ OWN_DATE = {
 def is_default(name: str) -> bool:
     """Whether ``name`` is exported without being asked for by ``--tables``."""
     return name in HISTORY or fnmatch.fnmatch(name, MOVED_PATTERN)
+
+
+def kept_aside(name: str) -> bool:
+    """Tables Airflow's own upgrade keeps the rows it takes out of history in: a target gets them too."""
+    return name == XCOM_ARCHIVE or fnmatch.fnmatch(name, MOVED_PATTERN)
 
 
 def skip_reason(name: str) -> str:

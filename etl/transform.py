@@ -247,6 +247,9 @@ class MapContext:
         self.task_instances = KeyIndex(millis=pa.int64())
         self._seen: dict[str, set] = {}
         self._source: pa.RecordBatch | None = None
+        self._input: pa.RecordBatch | None = None  # the batch the running rule was given
+        #: (table Airflow moves them to, rows) of the batch being mapped
+        self.moved: list[tuple[str, pa.RecordBatch]] = []
 
     def target_at_least(self, version: str) -> bool:
         return catalog.version_key(self.target_version) >= catalog.version_key(version)
@@ -256,13 +259,30 @@ class MapContext:
         return self._seen.setdefault(name, set())
 
     # -- quarantine ----------------------------------------------------------------------------
-    def reject(self, table: str, batch: pa.RecordBatch, bad, reason: str) -> pa.RecordBatch:
-        """Quarantine the rows where ``bad`` (NULL counts as false) and return the others."""
+    def reject(self, table: str, batch: pa.RecordBatch, bad, reason: str, moved_to: str | None = None,
+               before_upgrade: bool = False) -> pa.RecordBatch:
+        """Quarantine the rows where ``bad`` (NULL counts as false) and return the others.
+
+        ``moved_to``: the table Airflow's own upgrade moves these rows to; the target gets them there too.
+        A migration moves them as it meets them (the rows this step was given); the checks Airflow runs
+        ``before_upgrade`` move them as the database held them before any migration (the source's rows)."""
         bad = pc.fill_null(pa.array(bad, pa.bool_()) if not isinstance(bad, pa.Array) else bad, False)
         if not pc.any(bad).as_py():
             return batch
         self.set_aside(table, batch, bad, reason)
+        if moved_to is not None:
+            self._move(moved_to, batch.filter(bad), self._source if before_upgrade else self._input)
         return batch.filter(pc.invert(bad))
+
+    def _move(self, table: str, rows: pa.RecordBatch, origin: pa.RecordBatch) -> None:
+        """``rows`` as they are in ``origin`` (a batch carrying the source row numbers, or the source itself)."""
+        positions = rows.column(ROW).to_numpy(zero_copy_only=False)
+        if ROW in origin.schema.names:
+            entered = origin.column(ROW).to_numpy(zero_copy_only=False)
+            where = np.empty(int(entered.max()) + 1, np.int64)
+            where[entered] = np.arange(len(entered))
+            positions, origin = where[positions], batches.drop(origin, [ROW])
+        self.moved.append((table, origin.take(pa.array(positions))))
 
     def set_aside(self, table: str, batch: pa.RecordBatch, mask, reason: str) -> None:
         """Send the *source* rows behind ``batch[mask]`` to the quarantine (the rows may still be mapped)."""
@@ -452,7 +472,7 @@ class Mapper:
         if not self.route and table != "dag":
             return [(table, batch)]
         self.ctx.observe(table, batch)
-        self.ctx._source = batch
+        self.ctx._source, self.ctx.moved = batch, []
         try:
             current = {table: batches.put(batch, ROW, pa.array(np.arange(batch.num_rows, dtype=np.int64)))}
             keep: dict[str, set[str]] = {}
@@ -463,7 +483,8 @@ class Mapper:
                 previous = hop.version
             if "dag" in current and "dag" in self.columns[self.target_schema]:
                 current = self._complete_dag(current)
-            return [(name, batches.drop(b, [ROW])) for name, b in [*current.items(), *gone] if b.num_rows]
+            return [*((name, batches.drop(b, [ROW])) for name, b in [*current.items(), *gone] if b.num_rows),
+                    *((name, b) for name, b in self.ctx.moved if b.num_rows)]
         finally:
             self.ctx._source = None
 
@@ -494,6 +515,7 @@ class Mapper:
                 if renames:
                     batch = batches.rename(batch, [renames.get(c, c) for c in batch.schema.names])
                 fn = step.tables.get(name)
+                self.ctx._input = batch
                 result = fn(batch, self.ctx) if fn is not None else batch
                 outputs = result if isinstance(result, dict) else {step.renamed.get(name, name): result}
                 for out_name in outputs:

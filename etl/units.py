@@ -208,10 +208,10 @@ class ImportJob:
 
     def __init__(self, dest: str, target: str, tables: tuple | None = None, exclude_tables: tuple = (),
                  unit_chunks: int = UNIT_CHUNKS, on_conflict: str = "skip", source_fernet_key: str | None = None,
-                 target_fernet_key: str | None = None, s3_endpoint_url: str | None = None):
+                 target_fernet_key: str | None = None, s3_endpoint_url: str | None = None, xcom_json: bool = False):
         self.dest, self.target, self.endpoint = dest, target, s3_endpoint_url
         self.names, self.exclude, self.unit_chunks = tables, exclude_tables, unit_chunks
-        self.on_conflict, self.keys = on_conflict, (source_fernet_key, target_fernet_key)
+        self.on_conflict, self.keys, self.xcom_json = on_conflict, (source_fernet_key, target_fernet_key), xcom_json
 
     def plan(self) -> list[list[dict]]:
         """Verify the export and the target before anything is written; then the units of each step.
@@ -251,7 +251,8 @@ class ImportJob:
         src = PackageSlice(self.dest, self.endpoint, unit["table"], unit["first"], unit["stop"])
         report = commands.load_source(src, self.target, UnitQuarantine(src.store, self.target, unit["name"]), Report("import"),
                                       on_conflict=self.on_conflict, source_fernet_key=self.keys[0],
-                                      target_fernet_key=self.keys[1], force=True, source_key=unit.get("source"))
+                                      target_fernet_key=self.keys[1], force=True, source_key=unit.get("source"),
+                                      xcom_json=self.xcom_json)
         return {name: t.counts for name, t in report.tables.items()}
 
     def finish(self) -> Report:
@@ -267,4 +268,4 @@ class ImportJob:
             target.dispose()
         return commands.diff(self.dest, self.target, tables=self.names, exclude_tables=self.exclude,
                              s3_endpoint_url=self.endpoint, on_conflict=self.on_conflict,
-                             source_fernet_key=self.keys[0], target_fernet_key=self.keys[1])
+                             source_fernet_key=self.keys[0], target_fernet_key=self.keys[1], xcom_json=self.xcom_json)

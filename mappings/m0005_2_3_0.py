@@ -39,16 +39,19 @@ def task_reschedule(batch, ctx):
 
 def _keyed_to_run(table: str, batch, ctx):
     """run_id (for xcom also the source dag_run.id) by (dag_id, execution_date); quarantine what Airflow moves aside."""
-    moved = f"Airflow 2.3 moves it to _airflow_moved__2_3__dangling__{table} (check_bad_references)"
+    moved_to = f"_airflow_moved__2_3__dangling__{table}"
+    moved = f"Airflow 2.3 moves it to {moved_to} (check_bad_references)"
     found, run_id, dag_run_id = ctx.run_of(batch.column("dag_id"), batch.column("execution_date"))
     batch = put(batch, "run_id", run_id)
     if table == "xcom":
         batch = put(batch, "dag_run_id", dag_run_id)
-    batch = ctx.reject(table, batch, ~found, f"no dag_run with this dag_id and execution_date: {moved}")
+    batch = ctx.reject(table, batch, ~found, f"no dag_run with this dag_id and execution_date: {moved}",
+                       moved_to=moved_to, before_upgrade=True)
     batch = _minus_one(batch)
     found, _ = ctx.task_instance(batch.column("dag_id"), batch.column("task_id"), batch.column("run_id"),
                                  batch.column("map_index"))
-    return ctx.reject(table, batch, np.logical_not(found), f"no task_instance for this row: {moved}")
+    return ctx.reject(table, batch, np.logical_not(found), f"no task_instance for this row: {moved}",
+                      moved_to=moved_to, before_upgrade=True)
 
 
 @reproduces("c306b5b5ae4a")

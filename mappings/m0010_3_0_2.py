@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl import batches, catalog
+from etl import batches, catalog, tables
 from etl.chain import reproduces
 from etl.transform import ROW, column, epoch_millis, key_hash, put, uuid7, where
 
@@ -124,7 +124,7 @@ def xcom(batch, ctx):
     value = batch.column("value")
     first = pc.binary_slice(value, 0, 1)
     batch = ctx.reject("xcom", batch, pc.equal(first, b"\x80"),
-                       "pickled value: Airflow 3 moves it to _xcom_archive (eed27faa34e3)")
+                       "pickled value: Airflow 3 moves it to _xcom_archive (eed27faa34e3)", moved_to=tables.XCOM_ARCHIVE)
     batch = ctx.reject("xcom", batch, pc.equal(pc.binary_length(batch.column("value")), 0),
                        "empty value: Airflow 3's migration eed27faa34e3 stops on it")
     target = catalog.version_key(ctx.target_version)

@@ -87,3 +87,22 @@ def test_every_mwaa_release_is_a_version_for_plan_sample_and_target_version(rele
     assert made.returncode == 0 and f"airflow_version: {release}" in made.stdout, made.stderr
     with sqlite3.connect(tmp_path / "own.db") as db:
         assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == catalog.releases()[release]
+
+
+def test_a_stop_that_breaks_a_query_in_flight_still_reads_as_interrupted():
+    """SIGTERM inside a COPY leaves psycopg's connection mid-COPY: the next query's error, wrapped by the
+    pipeline, is what reaches the CLI; the KeyboardInterrupt is in its chain (seen in CI, 2026-12-03)."""
+    from etl import cli as cli_module
+    from etl.errors import EtlError
+
+    try:
+        try:
+            try:
+                raise KeyboardInterrupt("SIGTERM")
+            except KeyboardInterrupt:
+                raise RuntimeError("sending query failed: another command is already in progress")
+        except RuntimeError as exc:
+            raise EtlError("task_instance, chunk task_instance#1: sending query failed") from exc
+    except EtlError as exc:
+        assert cli_module._interrupted(exc)
+    assert not cli_module._interrupted(EtlError("a refusal"))

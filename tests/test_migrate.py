@@ -1,6 +1,7 @@
 """Import, migrate and diff end to end, on real servers: exactly once, in sync, and refusing bad input."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 
@@ -169,4 +170,39 @@ def test_1_10_to_newest_3x_quarantines_instead_of_dropping(pg_url, tmp_path):
     assert rep["quarantine"].startswith(os.path.join(via, "quarantine", ""))  # beside the staged copy, named by the report
     quarantined = os.listdir(rep["quarantine"])
     assert {"task_instance", "xcom", "connection"} <= set(quarantined)
+    assert cli("diff", "--source", src, "--target", tgt).returncode == 0
+
+
+@pytest.mark.parametrize("target_kind", DIALECTS)
+def test_what_airflow_keeps_aside_the_target_keeps_too_and_only_once(request, pg_url, target_kind):
+    """Airflow's own upgrade keeps dangling rows in _airflow_moved__* tables (as the database held them before
+    it upgraded) and 3.0 keeps pickled xcom values in _xcom_archive: a 3.x target gets the same tables with the
+    rows the quarantine names them for, and a second run adds none (tests/test_oracle.py compares them with
+    Airflow's own)."""
+    src = _fill(pg_url, version="1.10.15", dag_runs=15, faults=True)
+    tgt = request.getfixturevalue(target_kind)
+    if target_kind == "pg_url":
+        server = request.getfixturevalue("pg_server")
+        tgt = server.create()
+        request.addfinalizer(lambda: server.drop(tgt))
+    first = report("migrate", "--source", src, "--target", tgt, "--target-version", "3.0.6")
+    kept = {t: v["inserted"] for t, v in first["tables"].items() if t.startswith("_airflow_moved__") or t == "_xcom_archive"}
+    named = {}
+    for note in first["notes"]:
+        for table in kept:
+            if note.startswith("quarantined ") and f"moves it to {table} " in note:
+                named[table] = named.get(table, 0) + int(note.split()[1])
+    assert kept == named and kept["_xcom_archive"] > 0 and kept["_airflow_moved__2_2__dangling__task_instance"] > 0
+    assert {t: count(tgt, t) for t in kept} == kept
+    def utc(found):  # MySQL and SQLite give naive UTC
+        return {r[:2] + (r[2].replace(tzinfo=dt.timezone.utc) if r[2].tzinfo is None else r[2],) for r in found}
+
+    key = ["dag_id", "task_id", "execution_date"]
+    assert utc(rows(tgt, "_airflow_moved__2_2__dangling__task_instance", key)) <= utc(rows(src, "task_instance", key)), \
+        "the source's own rows, as they were"
+    archived_runs = {r[0] for r in rows(tgt, "_xcom_archive", ["dag_run_id"])}
+    assert archived_runs <= {r[0] for r in rows(tgt, "dag_run", ["id"])}, "dag_run_id names the target's runs"
+    again = report("migrate", "--source", src, "--target", tgt, "--target-version", "3.0.6")
+    assert all(again["tables"][t].get("inserted", 0) == 0 for t in kept)
+    assert {t: count(tgt, t) for t in kept} == kept
     assert cli("diff", "--source", src, "--target", tgt).returncode == 0

@@ -9,7 +9,8 @@ Every table we load must then hold the same rows as Airflow's, compared by colum
 schemas order columns differently and keep JSON where fresh ones have JSONB), with references to
 surrogate ids followed to the rows they name. ``EXEMPT`` lists every column left out, with the reason;
 DEVELOPERS.md ("The oracle") repeats it. Rows Airflow moves aside (``_airflow_moved__*``,
-``_xcom_archive``) must be exactly the rows we quarantine with the reason naming that table.
+``_xcom_archive``) must be exactly the rows we quarantine with the reason naming that table, and the rows
+our target keeps in a table of the same name.
 """
 from __future__ import annotations
 
@@ -313,7 +314,7 @@ def test_our_migration_gives_the_rows_airflows_own_upgrade_gives(lab, pg_server,
             differences.append(f"{name}: {len(a)} rows in Airflow's, {len(b)} in ours; "
                                f"{len(only_a)} only in Airflow's, e.g. {_show(only_a[:2], only_b)}; "
                                f"{len(only_b)} only in ours, e.g. {_show(only_b[:2], only_a)}")
-    differences.extend(_moved_aside(upgraded, quarantine))
+    differences.extend(_moved_aside(upgraded, quarantine, ours))
     differences.extend(_fixes_are_our_quarantine(upgraded.fixes, quarantine))
     not_carried = {t: v.get("not_in_target", 0) for t, v in migrated["tables"].items() if v.get("not_in_target")}
     differences.extend(_left_behind(upgraded.url, not_carried, fresh))
@@ -365,15 +366,28 @@ def _exempt_checks(name: str, theirs: list[dict], ours: list[dict]) -> list[str]
     return problems
 
 
-def _moved_aside(upgraded: Upgrade, quarantine: dict[str, list[dict]]) -> list[str]:
-    """Each table Airflow moved rows to holds the rows our quarantine names that table for."""
+def _moved_aside(upgraded: Upgrade, quarantine: dict[str, list[dict]], ours_url: str) -> list[str]:
+    """Each table Airflow moved rows to holds the rows our quarantine names that table for, and our target
+    has the same table with the same rows (ids aside: each database numbers its own runs)."""
     engine = _engine(upgraded.url)
     present = sa.inspect(engine).get_table_names()
     problems = []
-    moved = sorted(t for t in present if t.startswith("_airflow_moved__") or t == "_xcom_archive")
-    with engine.connect() as conn:
+    moved = sorted(t for t in present if tables.kept_aside(t))
+    ours_engine = _engine(ours_url)
+    ours_present = set(sa.inspect(ours_engine).get_table_names())
+    with engine.connect() as conn, ours_engine.connect() as ours_conn:
         for name in moved:
             rows = [{k: _plain(v) for k, v in r._mapping.items()} for r in conn.execute(sa.text(f'SELECT * FROM "{name}"'))]
+            kept = [{k: _plain(v) for k, v in r._mapping.items()}
+                    for r in ours_conn.execute(sa.text(f'SELECT * FROM "{name}"'))] if name in ours_present else []
+            if rows and kept and set(rows[0]) != set(kept[0]):
+                problems.append(f"{name}: Airflow's columns {sorted(rows[0])}, ours {sorted(kept[0])}")
+            same = (set(rows[0]) if rows else set()) - {"id", "dag_run_id"}
+            a = collections.Counter(tuple(r.get(c) for c in sorted(same)) for r in rows)
+            b = collections.Counter(tuple(r.get(c) for c in sorted(same)) for r in kept)
+            if a != b:
+                problems.append(f"{name}: Airflow keeps {len(rows)} rows, our target {len(kept)}: only Airflow's "
+                                f"{list((a - b).elements())[:2]}, only ours {list((b - a).elements())[:2]}")
             table = name.rsplit("__", 1)[-1] if name.startswith("_airflow_moved__") else "xcom"
             ours = [r for r in quarantine.get(table, []) if name in r["reason"]]
             common = (set(rows[0]) if rows else set()) & (set(ours[0]) if ours else set()) - {"id", "reason"}
@@ -385,6 +399,7 @@ def _moved_aside(upgraded: Upgrade, quarantine: dict[str, list[dict]]) -> list[s
                                 f"(compared on {keys}): only Airflow's {list((a - b).elements())[:3]}, "
                                 f"only ours {list((b - a).elements())[:3]}")
     engine.dispose()
+    ours_engine.dispose()
     named = {r["reason"] for rows in quarantine.values() for r in rows if "_airflow_moved__" in r["reason"]
              or "_xcom_archive" in r["reason"]}
     for reason in named:

@@ -44,6 +44,7 @@ SOFT_REFERENCES = {
     "dag_run": {"creating_job_id": "job", "scheduled_by_job_id": "job"},
     "trigger": {"triggerer_id": "job"},
     "xcom": {"dag_run_id": "dag_run"},  # keyed by the run's id since 2.3, with no foreign key to it
+    "_xcom_archive": {"dag_run_id": "dag_run"},  # the xcom rows Airflow 3's upgrade took out, ids as in xcom
     "dataset_event": {"dataset_id": "dataset"},  # events outlive their dataset: no foreign key
     "asset_event": {"asset_id": "asset"},
 }

@@ -94,6 +94,18 @@ class Target:
     def has(self, name: str) -> bool:
         return name in self.names
 
+    def create_aside(self, name: str, schema: pa.Schema) -> None:
+        """A table of rows Airflow's own upgrade sets aside (``tables.kept_aside``), made as Airflow makes
+        it: the moved rows' columns, no key and no constraint."""
+        table = sa.Table(name, sa.MetaData(), *(sa.Column(f.name, _aside_type(f.type)) for f in schema))
+        try:
+            with self.engine.begin() as conn:
+                table.create(conn, checkfirst=True)
+        except sa.exc.DBAPIError:  # the DAG's parallel units: another one made it first
+            if not sa.inspect(self.engine).has_table(name):
+                raise
+        self.names.add(name)
+
     def loader(self, name: str) -> TableLoader:
         self.touched.add(name)
         return TableLoader(self.engine, self.dialect, self.describe(name), self.source_key, self.update,
@@ -195,3 +207,19 @@ class Target:
         if alive:
             raise EtlError(f"the target's scheduler on {alive[0]} is alive (heartbeat within {SCHEDULER_ALIVE.seconds} s): "
                            "stop it, or pass --force")
+
+
+def _aside_type(atype: pa.DataType) -> sa.types.TypeEngine:
+    from sqlalchemy.dialects import mysql
+
+    if pa.types.is_timestamp(atype):
+        return sa.DateTime(timezone=atype.tz is not None).with_variant(mysql.DATETIME(fsp=6), "mysql")
+    if pa.types.is_binary(atype):
+        return sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql")
+    if pa.types.is_string(atype):
+        return sa.Text().with_variant(mysql.LONGTEXT(), "mysql")
+    simple = {pa.bool_(): sa.Boolean(), pa.int16(): sa.SmallInteger(), pa.int32(): sa.Integer(), pa.int64(): sa.BigInteger(),
+              pa.float64(): sa.Float(), pa.date32(): sa.Date()}
+    if atype not in simple:
+        raise EtlError(f"no column type for Arrow {atype} in a set-aside table")
+    return simple[atype]
