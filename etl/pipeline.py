@@ -82,15 +82,18 @@ def run(source: Source, target: Target, mapper, rekeyer: Rekeyer, report: Report
                 continue
             report.table(name).add("source", chunk.batch.num_rows)
             for out_name, out in outputs:
-                if tables.kept_aside(out_name) and not dry_run and not target.has(out_name):
-                    target.create_aside(out_name, out.schema)  # as Airflow's own upgrade keeps them
-                if target.has(out_name) and out_name not in loaders and not (dry_run and tables.kept_aside(out_name)):
+                if target.has(out_name) and out_name not in loaders and not tables.kept_aside(out_name):
                     loaders[out_name] = finished.pop(out_name, None) or ahead.pop(out_name, None) or target.loader(out_name)
             _close(finished, report, matched, dry_run, restorer)
             for out_name, out in outputs:
                 out_report = report.table(out_name)
-                if dry_run and tables.kept_aside(out_name):  # keyless, as Airflow's: nothing to compare rows by
-                    out_report.add("kept_aside", out.num_rows)
+                if tables.kept_aside(out_name):  # as Airflow's own upgrade keeps them; keyless, so not diffed
+                    if dry_run:
+                        out_report.add("kept_aside", out.num_rows)
+                    else:
+                        added = target.keep_aside(out_name, out)
+                        out_report.add("inserted", added)
+                        out_report.add("existing", out.num_rows - added)
                     continue
                 if not target.has(out_name):
                     out_report.add("not_in_target", out.num_rows)

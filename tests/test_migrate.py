@@ -202,7 +202,18 @@ def test_what_airflow_keeps_aside_the_target_keeps_too_and_only_once(request, pg
         "the source's own rows, as they were"
     archived_runs = {r[0] for r in rows(tgt, "_xcom_archive", ["dag_run_id"])}
     assert archived_runs <= {r[0] for r in rows(tgt, "dag_run", ["id"])}, "dag_run_id names the target's runs"
+    # The source grows: its task instances' chunk is cut anew, dangling rows and all; none arrives twice.
+    engine = urls.open_engine(src)
+    with engine.begin() as conn:
+        ti = sa.Table("task_instance", sa.MetaData(), autoload_with=conn)
+        run = conn.execute(sa.text("SELECT dag_id, execution_date FROM dag_run WHERE dag_id IS NOT NULL "
+                                   "AND execution_date IS NOT NULL LIMIT 1")).one()
+        row = dict(conn.execute(sa.select(ti).where(ti.c.dag_id == run.dag_id, ti.c.execution_date == run.execution_date)
+                                .limit(1)).mappings().one())
+        conn.execute(ti.insert().values({**row, "task_id": "added_later"}))
+    engine.dispose()
     again = report("migrate", "--source", src, "--target", tgt, "--target-version", "3.0.6")
+    assert again["tables"]["task_instance"]["inserted"] == 1
     assert all(again["tables"][t].get("inserted", 0) == 0 for t in kept)
     assert {t: count(tgt, t) for t in kept} == kept
     assert cli("diff", "--source", src, "--target", tgt).returncode == 0

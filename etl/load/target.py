@@ -8,13 +8,14 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from .. import batches, catalog, identity, ledger, tables, urls, versions
 from ..errors import EtlError
-from .base import Quarantine, Restorer, TableLoader, describe, dialect_for, restore
+from .base import SOFT_REFERENCES, Quarantine, Restorer, TableLoader, _norm, describe, dialect_for, restore
 from .references import References
 
 #: Airflow's own default for scheduler_health_check_threshold is 30 s; allow a missed beat.
@@ -52,6 +53,7 @@ class Target:
         self.source_key, self.update, self.quarantine = source_key, update, quarantine
         self.uuid_maps: dict[str, dict[str, str]] = {}
         self.touched: set[str] = set()
+        self._aside: dict[str, set[tuple]] = {}  # kept-aside rows by content, per table (``keep_aside``)
         self._reflect()
         if not dry_run:
             # One job writes at a time; the units of one import DAG share the target (``force``).
@@ -94,17 +96,40 @@ class Target:
     def has(self, name: str) -> bool:
         return name in self.names
 
-    def create_aside(self, name: str, schema: pa.Schema) -> None:
-        """A table of rows Airflow's own upgrade sets aside (``tables.kept_aside``), made as Airflow makes
-        it: the moved rows' columns, no key and no constraint."""
-        table = sa.Table(name, sa.MetaData(), *(sa.Column(f.name, _aside_type(f.type)) for f in schema))
-        try:
-            with self.engine.begin() as conn:
-                table.create(conn, checkfirst=True)
-        except sa.exc.DBAPIError:  # the DAG's parallel units: another one made it first
-            if not sa.inspect(self.engine).has_table(name):
-                raise
-        self.names.add(name)
+    def keep_aside(self, name: str, batch: pa.RecordBatch) -> int:
+        """Rows Airflow's own upgrade sets aside (``tables.kept_aside``), kept in the table of that name,
+        made as Airflow makes it: their columns, no key, no constraint. With no key to upsert by, a row
+        the table holds already (a re-run, or a chunk cut otherwise once the source grew) is known by
+        its whole content and not added again. Returns the rows added."""
+        if name not in self.names:
+            table = sa.Table(name, sa.MetaData(), *(sa.Column(f.name, _aside_type(f.type)) for f in batch.schema))
+            try:
+                with self.engine.begin() as conn:
+                    table.create(conn, checkfirst=True)
+            except sa.exc.DBAPIError:  # the DAG's parallel units: another one made it first
+                if not sa.inspect(self.engine).has_table(name):
+                    raise
+            self.names.add(name)
+        for column, referred in SOFT_REFERENCES.get(name, {}).items():  # ids as the target numbers them
+            if column in batch.schema.names and self.id_maps.knows(referred):
+                values = batch.column(column)
+                found, ids = self.id_maps.get(referred).lookup(values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64))
+                batch = batches.put(batch, column, pa.array(ids, mask=~found).cast(values.type))
+        table = sa.Table(name, sa.MetaData(), autoload_with=self.engine)
+        columns = [c.name for c in table.c if c.name in batch.schema.names]
+        with self.engine.begin() as conn:
+            if name not in self._aside:
+                self._aside[name] = {_content(r) for r in conn.execute(sa.select(*(table.c[c] for c in columns)))}
+            have = self._aside[name]
+            new = []
+            for row in zip(*(batch.column(c).to_pylist() for c in columns)):
+                content = _content(row)
+                new.append(content not in have)
+                have.add(content)
+            added = batch.select(columns).filter(pa.array(new, pa.bool_()))
+            if added.num_rows:
+                self.dialect.insert(conn, table, added)
+        return added.num_rows
 
     def loader(self, name: str) -> TableLoader:
         self.touched.add(name)
@@ -207,6 +232,11 @@ class Target:
         if alive:
             raise EtlError(f"the target's scheduler on {alive[0]} is alive (heartbeat within {SCHEDULER_ALIVE.seconds} s): "
                            "stop it, or pass --force")
+
+
+def _content(row) -> tuple:
+    """A row as the same values whichever driver read it (naive UTC datetimes, memoryview bytes)."""
+    return tuple(bytes(v) if isinstance(v, memoryview) else _norm(v) for v in row)
 
 
 def _aside_type(atype: pa.DataType) -> sa.types.TypeEngine:
