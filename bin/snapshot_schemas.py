@@ -120,7 +120,7 @@ def _head(wheel: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    versions = argv or list(airflow_release.RELEASES)
+    versions = argv or catalog.versions()
     out = ROOT / "schemas"
     for version in versions:
         data = snapshot(version)

@@ -49,7 +49,8 @@ class Release:
 
 
 # One release per distinct alembic head from 1.10.12 on (schemas/releases.json): the newest release
-# at that head, so every release is served by a snapshot built by a release at its head. Rows were
+# at that head, so every release is served by a snapshot built by a release at its head; and the
+# releases of MWAA that tests run as they are (a migration target, the hosts of the DAGs). Rows were
 # measured: each installs from PyPI with only its cap, and its init command builds exactly the
 # catalog's schema. Caps (none for the newest) sit about two weeks after the release; 1.10.15 needs
 # the SQLAlchemy 1.3 pin: its `~=1.3` admits 1.4.2, under which `initdb` dies.
@@ -80,13 +81,20 @@ RELEASES = {r.version: r for r in (
     Release("2.5.3", "3.10.13", "2023-04-05", _PG2),
     Release("2.6.1", "3.10.13", "2023-05-29", _PG2),
     Release("2.6.3", "3.10.13", "2023-07-15", _PG2),
+    Release("2.7.2", "3.9.18", "2023-10-26", _PG2),
     Release("2.7.3", "3.11.7", "2023-11-13", _PG2),
     Release("2.8.0", "3.11.7", "2023-12-30", _PG2),
+    # Flask-Session 0.6 (2024-01-27) breaks 2.8.1's `db migrate`; 2.8.2 caps it, 2.8.1's constraints hold 0.5.0.
+    Release("2.8.1", "3.11.7", "2024-02-02", _PG2 + ("flask-session<0.6",)),
     Release("2.8.4", "3.11.7", "2024-04-15", _PG2),
     Release("2.9.1", "3.11.7", "2024-05-16", _PG2),
+    Release("2.9.2", "3.11.7", "2024-06-24", _PG2),
     Release("2.9.3", "3.11.7", "2024-07-23", _PG2),
+    Release("2.10.1", "3.11.7", "2024-09-19", _PG2),
     Release("2.10.2", "3.11.7", "2024-10-01", _PG2),  # serves MWAA's 2.10.1: 2.10.0 to 2.10.2 share its head
+    Release("2.10.3", "3.11.7", "2024-11-18", _PG2),
     Release("2.10.5", "3.11.7", "2025-02-17", _PG2),
+    Release("2.11.0", "3.11.7", "2025-06-03", _PG2),
     Release("2.11.2", "3.11.7", None, _PG2),
     Release("3.0.2", "3.11.7", "2025-06-20", _PG3X),
     Release("3.0.6", "3.11.7", "2025-09-05", _PG3X),

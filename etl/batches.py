@@ -1,13 +1,18 @@
-"""Column edits of an Arrow record batch, spelled with ``RecordBatch.from_arrays``.
+"""Column edits of an Arrow record batch, and its rows, spelled with what every pyarrow since 6 has.
 
 RecordBatch gained ``select``, ``set_column``, ``append_column``, ``drop_columns`` and
-``rename_columns`` only in pyarrow 14 and later; Airflow's constraints pin older releases (2.7.2's
-pyarrow 11, which MWAA installs requirements.txt under). Rebuilding the batch from its arrays
-is as cheap (no data is copied) and works on every pyarrow the package allows.
+``rename_columns`` only in pyarrow 14, ``from_pylist`` and ``to_pylist`` in 7, and
+``parquet.read_table`` its ``schema`` in 8; Airflow's constraints pin older releases (2.4.3's
+pyarrow 6, 2.7.2's 11), and MWAA installs requirements.txt under them. Rebuilding the batch from
+its arrays is as cheap (no data is copied) and works on every pyarrow the package allows.
 """
 from __future__ import annotations
 
+import io
+
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 
 def select(batch: pa.RecordBatch, names) -> pa.RecordBatch:
@@ -29,6 +34,19 @@ def put(batch: pa.RecordBatch, field: pa.Field | str, values: pa.Array) -> pa.Re
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=batch.schema.metadata))
 
 
+def rows(batch: pa.RecordBatch) -> list[dict]:
+    columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+    return [dict(zip(batch.schema.names, values)) for values in zip(*columns)]
+
+
+def from_rows(rows: list[dict], schema: pa.Schema | None = None) -> pa.RecordBatch:
+    """``schema`` None: the names of the first row, each column's type inferred from its values."""
+    if schema is None:
+        names = list(rows[0]) if rows else []
+        return pa.RecordBatch.from_arrays([pa.array([r.get(n) for r in rows]) for n in names], names=names)
+    return pa.RecordBatch.from_arrays([pa.array([r.get(f.name) for r in rows], f.type) for f in schema], schema=schema)
+
+
 def drop(batch: pa.RecordBatch, names) -> pa.RecordBatch:
     gone = set(names)
     return select(batch, [n for n in batch.schema.names if n not in gone])
@@ -37,3 +55,19 @@ def drop(batch: pa.RecordBatch, names) -> pa.RecordBatch:
 def rename(batch: pa.RecordBatch, names) -> pa.RecordBatch:
     fields = [f.with_name(n) for f, n in zip(batch.schema, names)]
     return pa.RecordBatch.from_arrays(list(batch.columns), schema=pa.schema(fields, metadata=batch.schema.metadata))
+
+
+def read_parquet(data: bytes, schema: pa.Schema) -> pa.Table:
+    """The file's columns as ``schema`` types them (a column of nulls is written as null, read as its type)."""
+    try:
+        return pq.read_table(io.BytesIO(data), schema=schema)
+    except TypeError:  # pyarrow before 8
+        t = pq.read_table(io.BytesIO(data))
+        return pa.Table.from_arrays([t.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
+def starts_with(values: pa.Array, prefix: bytes) -> pa.Array:
+    """Binary values beginning with ``prefix`` (null for null): in one kernel from pyarrow 11 on, row by row before."""
+    if hasattr(pc, "binary_slice"):
+        return pc.equal(pc.binary_slice(values, 0, len(prefix)), prefix)
+    return pa.array([None if v is None else v.startswith(prefix) for v in values.to_pylist()], pa.bool_())

@@ -307,7 +307,7 @@ def unpause(batch: pa.RecordBatch, dag_ids) -> pa.RecordBatch:
     import pyarrow.compute as pc
 
     i = batch.schema.get_field_index("is_paused")
-    ours = pc.is_in(batch.column("dag_id"), pa.array(list(dag_ids), pa.string()))
+    ours = pc.is_in(batch.column("dag_id"), value_set=pa.array(list(dag_ids), pa.string()))
     return batches.put(batch, batch.schema.field(i), pc.if_else(ours, False, batch.column(i)))
 
 

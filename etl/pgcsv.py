@@ -39,7 +39,7 @@ def _unhex(arr: pa.Array) -> pa.Array:
     """bytea's ``\\x0a1b`` text to bytes, the hex of the whole column decoded in one call."""
     if pa.types.is_null(arr.type) or len(arr) == 0:
         return pa.array([None] * len(arr), pa.binary())
-    digits = pc.utf8_slice_codeunits(arr.fill_null("\\x"), 2)
+    digits = pc.utf8_slice_codeunits(arr.fill_null("\\x"), start=2)
     offsets = np.frombuffer(digits.buffers()[1], np.int32)[digits.offset:digits.offset + len(digits) + 1]
     data = digits.buffers()[2]
     raw = binascii.a2b_hex(memoryview(data)[offsets[0]:offsets[-1]]) if data is not None else b""

@@ -90,7 +90,9 @@ class Rekeyer:
     def _reencrypt(self, token: str) -> str:
         raw = token.encode()
         plain = self.source.decrypt(raw)
-        stamp = self.source.extract_timestamp(raw)
+        # A token's bytes 1-8 are its time, read here once decrypt has checked it (MultiFernet's
+        # extract_timestamp came with cryptography 44; Airflow pins older).
+        stamp = int.from_bytes(base64.urlsafe_b64decode(raw)[1:9], "big")
         iv = hmac.new(self._mac_key, raw, hashlib.sha256).digest()[:16]
         return self.target._encrypt_from_parts(plain, stamp, iv).decode()
 

@@ -433,11 +433,11 @@ class Package:
     def _read(self, chunk: dict, schema: pa.Schema) -> pa.RecordBatch:
         data = self._checked(chunk)
         try:
-            t = pq.read_table(io.BytesIO(data), schema=schema)
+            t = batches.read_parquet(data, schema)
         except (pa.ArrowException, OSError) as exc:
             raise EtlError(f"chunk {self.store.url(chunk['file'])} is not readable Parquet: {str(exc).splitlines()[0]}") from None
         return t.combine_chunks().to_batches(max_chunksize=max(1, t.num_rows))[0] if t.num_rows else \
-            pa.RecordBatch.from_pylist([], schema)
+            batches.from_rows([], schema)
 
     def rows_by_id(self, table: str, ids: list[int], columns: tuple[str, ...]) -> dict[int, tuple]:
         """Rows of ``table`` by id, read from the chunks whose id range holds them (after ``verify``)."""
@@ -453,7 +453,7 @@ class Package:
             if low is not None and not any(low <= i <= high for i in ids):
                 continue
             batch = self._read(chunk, schema)
-            for row in batches.select(batch, ["id", *columns]).to_pylist():
+            for row in batches.rows(batches.select(batch, ["id", *columns])):
                 if row["id"] in ids:
                     out[row["id"]] = tuple(row[c] for c in columns)
         return out

@@ -25,7 +25,7 @@ from cryptography.fernet import Fernet
 
 from etl import airflow_release, urls
 from etl.staging import Package, Store
-from helpers import chunks_done, cli, count, rows
+from helpers import chunks_done, cli, constrained_venv, constraints_of, count, rows
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "3.0.6"  # what Amazon MWAA runs on Airflow 3
@@ -42,16 +42,20 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def venvs(wheel):
-    """Airflow ``version`` as its freeze pins it, then this checkout's wheel with its dependencies."""
+    """Airflow ``version`` and this checkout's wheel: under the release's constraints where they are
+    kept (3.0.6, on MWAA's Python 3.12), else as the release's freeze pins it, the wheel's own
+    dependencies then at their newest."""
     ready: dict[str, Path] = {}
 
     def venv(version: str) -> Path:
         if version not in ready:
             with airflow_release.locked(f"{version}-plugin") as path:
                 py = path / "bin" / "python"
-                if not (py.exists() and airflow_release._installed(py) == version):
+                pins = constraints_of(version)
+                if not (py.exists() and airflow_release._installed(py) == version) and \
+                        not constrained_venv(path, version, str(wheel)):
                     airflow_release._install(airflow_release.RELEASES[version], path)
-                subprocess.run([str(airflow_release._uv()), "pip", "install", "-q", "-p", str(py),
+                subprocess.run([str(airflow_release._uv()), "pip", "install", "-q", "-p", str(py), *(["-c", str(pins)] if pins else []),
                                 "--reinstall-package", "airflow-metadata-etl", str(wheel)], check=True)
             ready[version] = path
         return ready[version]
@@ -182,18 +186,18 @@ def _wait(api: ApiServer, token: str, job_id: str, until, seconds: float = 600) 
 
 
 @pytest.mark.parametrize("version", [VERSION, "3.3.2"])
-def test_an_import_through_the_plugin_killed_with_the_api_server_resumes_once(environments, pg_url, s3_bucket, s3_endpoint,
-                                                                              version):
+def test_an_import_through_the_plugin_killed_with_the_api_server_resumes_once(environments, pg_server, pg_url, s3_bucket,
+                                                                              s3_endpoint, version, request):
     source_key = Fernet.generate_key().decode()
     cli("sample", "--airflow-version", "2.10.5", "--target", pg_url, "--dag-runs", "1000", "--faults",
         f"--fernet-key={source_key}")
     dest = f"s3://{s3_bucket}/history"
     cli("export", "--source", pg_url, "--to", dest, "--chunk-rows", "2000", "--s3-endpoint-url", s3_endpoint)
     api = environments(version)
-    api.airflow("variables", "set", "etl_source_fernet_key", source_key)  # named in the request, never sent
+    api.airflow("variables", "set", "--", "etl_source_fernet_key", source_key)  # named in the request, never sent
     api.start()
     token = api.token("admin")
-    job = {"job": "import", "dest": dest, "source_fernet_key": "variable:etl_source_fernet_key"}
+    job = {"job": "import", "dest": dest, "source_fernet_key": "variable:etl_source_fernet_key", "xcom_json": True}
     status, started = api.call("POST", "/etl/jobs", token, job)
     assert status == 202, started
     assert api.call("POST", "/etl/jobs", token, job)[0] == 409  # one job at a time, whichever worker answers
@@ -222,6 +226,14 @@ def test_an_import_through_the_plugin_killed_with_the_api_server_resumes_once(en
     assert cli("diff", "--source", dest, "--target", api.db_url, "--s3-endpoint-url", s3_endpoint).returncode == 0
     for table in ("job", "dag_run", "task_instance"):  # once each, though a run died halfway
         assert count(api.db_url, table) == manifest["tables"][table]["rows"], table
+    # The request's xcom_json reached the engine: the xcom pickles of plain data arrived, as the CLI's --xcom-json brings them.
+    xcoms = {}
+    for flag in ((), ("--xcom-json",)):
+        alone = pg_server.create()
+        request.addfinalizer(lambda url=alone: pg_server.drop(url))
+        cli("import", "--from", dest, "--target", alone, "--target-version", version, "--s3-endpoint-url", s3_endpoint, *flag)
+        xcoms[flag] = count(alone, "xcom")
+    assert xcoms[()] < count(api.db_url, "xcom") == xcoms[("--xcom-json",)]
     # Airflow itself reads what was loaded: the re-encrypted variable, the runs and task instances by its ORM.
     assert api.airflow("variables", "get", "api_token").strip().splitlines()[-1] == "s3cr3t-ÄÖ-🚀"
     seen = subprocess.run([str(api.venv / "bin" / "python"), "-c",
@@ -332,7 +344,7 @@ def test_the_example_dags_import_and_export_restoring_every_paused_state_also_wh
         api.airflow("dags", "pause" if paused else "unpause", dag_id)
     before = _paused(api.db_url)
     assert before == OTHER_DAGS
-    api.airflow("variables", "set", "airflow_history_source_fernet_secret", source_key)
+    api.airflow("variables", "set", "--", "airflow_history_source_fernet_secret", source_key)
     api.start()
     passwords = json.loads((api.home / "simple_auth_manager_passwords.json.generated").read_text())
     api.env["AIRFLOW_CONN_AIRFLOW_API"] = json.dumps({"conn_type": "http", "host": api.base, "login": "admin",

@@ -2,24 +2,23 @@
 
 From 2.7.2 on MWAA installs requirements.txt under that release's constraints, so a floor above a
 pin there (pyarrow>=14 against 2.7.2's pyarrow 11) made the package uninstallable. The pins that
-matter are kept in ``tests/constraints/`` (taken from public copies of those files). Slow: uv
-resolves against PyPI, and the engine then runs export, import and diff in a venv holding exactly
-the oldest pins, cached beside the Airflow venvs.
+matter, of every release MWAA runs from 2.4.3 on, are kept in ``tests/constraints/`` (taken from
+public copies of those files), each resolved on the Python its file is for. Slow: uv resolves
+against PyPI, and the engine then runs export, import and diff in a venv holding exactly the
+oldest pins (2.4.3's pyarrow 6), cached beside the Airflow venvs.
 """
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from etl import airflow_release
-from helpers import cli
+from helpers import CONSTRAINTS, cli, constraints_of, constraints_python
 
 REPO = Path(__file__).resolve().parent.parent
-PINS = sorted((Path(__file__).parent / "constraints").glob("*.pins.txt"))
-OLDEST = REPO / "tests" / "constraints" / "constraints-2.7.2-python3.9.pins.txt"
+OLDEST = constraints_of("2.4.3")
 pytestmark = pytest.mark.slow
 
 
@@ -27,19 +26,19 @@ def _uv(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(airflow_release._uv()), *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("pins", PINS, ids=lambda p: p.name.split("-python")[0])
+@pytest.mark.parametrize("pins", CONSTRAINTS, ids=lambda p: p.name.split("-python")[0])
 def test_the_package_resolves_under_airflow_constraints(pins, tmp_path):
-    assert _uv("venv", "-q", "-p", sys.executable, str(tmp_path / "venv")).returncode == 0
+    assert _uv("venv", "-q", "-p", str(constraints_python(pins)), str(tmp_path / "venv")).returncode == 0
     out = _uv("pip", "install", "--dry-run", "-p", str(tmp_path / "venv" / "bin" / "python"), "-c", str(pins), str(REPO))
     assert out.returncode == 0, f"{pins.name}: {out.stderr[-3000:]}"
 
 
 def _pinned_venv() -> Path:
-    """This checkout with the oldest pins: pyarrow 11, SQLAlchemy 1.4.49 (so psycopg2, as inside Airflow 2)."""
-    with airflow_release.locked("pins-2.7.2") as venv:
+    """This checkout with the oldest pins: pyarrow 6, SQLAlchemy 1.4.27 (so psycopg2, as inside Airflow 2)."""
+    with airflow_release.locked("pins-2.4.3") as venv:
         py = venv / "bin" / "python"
         if not py.exists():
-            assert _uv("venv", "-q", "-p", sys.executable, str(venv)).returncode == 0
+            assert _uv("venv", "-q", "-p", str(constraints_python(OLDEST)), str(venv)).returncode == 0
         out = _uv("pip", "install", "-q", "-p", str(py), "-c", str(OLDEST), "-e", str(REPO), "psycopg2-binary")
         assert out.returncode == 0, out.stderr[-3000:]
     return venv

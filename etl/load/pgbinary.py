@@ -153,7 +153,7 @@ def _timestamp(arr: pa.Array) -> Field:
 
 def _uuid(arr: pa.Array) -> Field:
     """16 bytes from the text form, the hex of the whole column parsed in one call."""
-    hexed = pc.replace_substring(arr.cast(pa.string()).fill_null("0" * 32), "-", "")
+    hexed = pc.replace_substring(arr.cast(pa.string()).fill_null("0" * 32), pattern="-", replacement="")
     if pc.all(pc.equal(pc.utf8_length(hexed), 32)).as_py() is False:
         raise ValueError("a uuid column holds a value that is not 32 hex digits")
     offsets = np.frombuffer(hexed.buffers()[1], np.int32)[hexed.offset:hexed.offset + len(hexed) + 1]

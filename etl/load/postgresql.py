@@ -123,7 +123,7 @@ class PostgreSQL(Dialect):
         dangling = sa.and_(*(c.is_not(None) for c in mine),
                            ~sa.exists().where(*(t == c for t, c in zip(theirs, mine))))
         rows = conn.execute(sa.delete(table).where(dangling).returning(*table.c)).mappings().all()
-        batch = pa.RecordBatch.from_pylist([{k: (str(v) if isinstance(v, uuid.UUID) else v) for k, v in r.items()} for r in rows])
+        batch = batches.from_rows([{k: (str(v) if isinstance(v, uuid.UUID) else v) for k, v in r.items()} for r in rows])
         return batch, (f"broke foreign key {_unquote(key)} ({', '.join(c.name for c in mine)} -> {other.name}) after the load, "
                        "and were moved aside so that the key could be restored")
 

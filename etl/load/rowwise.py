@@ -9,11 +9,9 @@ from __future__ import annotations
 import pyarrow as pa
 import sqlalchemy as sa
 
+from .. import batches
+
 BATCH = 2000
-
-
-def rows(batch: pa.RecordBatch) -> list[dict]:
-    return batch.to_pylist()
 
 
 def existing_keys(conn: sa.Connection, table: sa.Table, key: tuple[str, ...], batch: pa.RecordBatch) -> set:
@@ -50,6 +48,6 @@ def plain(table: sa.Table) -> sa.TableClause:
 
 
 def execute(conn: sa.Connection, stmt, batch: pa.RecordBatch) -> None:
-    data = rows(batch)
+    data = batches.rows(batch)
     for i in range(0, len(data), BATCH):
         conn.execute(stmt, data[i:i + BATCH])

@@ -126,7 +126,7 @@ class Target:
                 content = _content(row)
                 new.append(content not in have)
                 have.add(content)
-            added = batch.select(columns).filter(pa.array(new, pa.bool_()))
+            added = batches.select(batch, columns).filter(pa.array(new, pa.bool_()))
             if added.num_rows:
                 self.dialect.insert(conn, table, added)
         return added.num_rows
@@ -192,11 +192,11 @@ class Target:
         """UUIDs as the target's Airflow writes them: PostgreSQL's uuid text, elsewhere 32 hex
         digits, except the task instance ids that only 3.2 turned from dashed to hex."""
         text = values.cast(pa.string())
-        hexed = pc.utf8_lower(pc.replace_substring(text, "-", ""))
+        hexed = pc.utf8_lower(pc.replace_substring(text, pattern="-", replacement=""))
         dashed = self.dialect.name == "postgresql" or (
             catalog.version_key(self.version) < (3, 2) and (table, column) in DASHED_BEFORE_3_2)
         if dashed:
-            parts = [pc.utf8_slice_codeunits(hexed, a, b) for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))]
+            parts = [pc.utf8_slice_codeunits(hexed, start=a, stop=b) for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))]
             new = pc.binary_join_element_wise(*parts, "-")
         else:
             new = hexed
